@@ -1,0 +1,1 @@
+"""mtd: multi-teacher distillation of text embedding models."""

@@ -1,0 +1,216 @@
+"""On-disk teacher target cache: each teacher encodes the corpus once, into a float16 memmap.
+
+Layout of one cache folder (CACHE_ROOT/<teacher>-<key>/):
+    vectors.npy    (N, D) float16, L2-normalized teacher vectors; created full of NaN, so a row
+                   that was never written can not pass for data
+    chunks/NNNNNN  empty marker per finished chunk, written after its rows are flushed
+    manifest.json  teacher identity (weights hash, pooling, prompt, max length, dtype), corpus
+                   fingerprint, dim, chunk size, rows written, complete flag
+
+The key hashes the teacher identity and the corpus fingerprint, so a changed teacher or corpus gets
+a new folder (the old one is left alone) and an interrupted fill resumes chunk by chunk. With
+several processes, chunk c is encoded by rank c % world_size; markers make that safe without locks.
+Vectors are stored normalized because the multi-teacher target only uses directions, and unit rows
+can not overflow float16.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from mtd import teachers
+from mtd.config import TeacherConfig
+from mtd.io import atomic_write_json, hash_texts, read_json
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+VECTORS = "vectors.npy"
+MANIFEST = "manifest.json"
+
+
+class CacheError(RuntimeError):
+    """A cache folder that is incomplete, corrupt, or does not match what the run needs."""
+
+
+def cache_folder(root: Path, identity: dict[str, Any], corpus_sha256: str, rows: int) -> Path:
+    key_src = json.dumps([CACHE_VERSION, identity, corpus_sha256, rows], sort_keys=True)
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", identity["name"])
+    return Path(root) / f"{safe}-{key}"
+
+
+def _fail(folder: Path, problem: str) -> CacheError:
+    return CacheError(
+        f"Target cache {folder}: {problem}. Delete that folder to have it rebuilt "
+        "(other caches and runs are not affected)."
+    )
+
+
+def open_cache(folder: str | Path, *, check_rows: int | None = None) -> np.ndarray:
+    """The (N, D) float16 memmap of a finished cache, after checking it end to end."""
+    folder = Path(folder)
+    try:
+        manifest = read_json(folder / MANIFEST)
+    except (OSError, json.JSONDecodeError) as e:
+        raise _fail(folder, f"manifest unreadable ({e})") from None
+    if not manifest.get("complete"):
+        raise _fail(folder, f"incomplete ({manifest.get('rows_written', 0)} of "
+                    f"{manifest.get('rows')} rows); rerun to resume filling it instead")
+    try:
+        arr = np.load(folder / VECTORS, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise _fail(folder, f"{VECTORS} unreadable ({e})") from None
+    expected = (manifest["rows"], manifest["dim"])
+    if arr.shape != expected or arr.dtype != np.float16:
+        raise _fail(folder, f"{VECTORS} is {arr.shape} {arr.dtype}, manifest says {expected} float16")
+    if check_rows is not None and arr.shape[0] != check_rows:
+        raise _fail(folder, f"has {arr.shape[0]} rows, the corpus has {check_rows}")
+    _check_rows(folder, arr)
+    return arr
+
+
+def _check_rows(folder: Path, arr: np.ndarray, block: int = 65536) -> None:
+    """Every row finite and unit length: catches unwritten (NaN) rows and bit rot."""
+    for start in range(0, arr.shape[0], block):
+        part = np.asarray(arr[start : start + block], dtype=np.float32)
+        bad = ~np.isfinite(part).all(axis=1)
+        bad |= np.abs(np.linalg.norm(part, axis=1) - 1.0) > 1e-2
+        if bad.any():
+            first = start + int(np.flatnonzero(bad)[0])
+            raise _fail(folder, f"{int(bad.sum())} rows are not finite unit vectors (first: {first})")
+
+
+def _start_or_resume(folder: Path, manifest: dict[str, Any]) -> None:
+    """Rank 0: create the NaN-filled array and manifest, unless a matching fill is in progress."""
+    if (folder / MANIFEST).is_file():
+        try:
+            old = read_json(folder / MANIFEST)
+            arr = np.load(folder / VECTORS, mmap_mode="r")
+            if arr.shape == (old["rows"], old["dim"]) and old["dim"] == manifest["dim"]:
+                done = len(list((folder / "chunks").iterdir()))
+                logger.info("Resuming target cache %s (%d chunks done).", folder, done)
+                return
+        except (OSError, ValueError, KeyError, json.JSONDecodeError):
+            pass
+        logger.warning("Unfinished target cache %s is unreadable; starting it again.", folder)
+        shutil.rmtree(folder)
+    (folder / "chunks").mkdir(parents=True, exist_ok=True)
+    arr = np.lib.format.open_memmap(
+        folder / VECTORS, mode="w+", dtype=np.float16, shape=(manifest["rows"], manifest["dim"])
+    )
+    arr[:] = np.nan
+    arr.flush()
+    del arr
+    atomic_write_json(folder / MANIFEST, manifest)
+
+
+def _fill_chunks(
+    model, cfg: TeacherConfig, texts: Sequence[str], folder: Path, chunk: int, rank: int, world: int
+) -> None:
+    arr = np.load(folder / VECTORS, mmap_mode="r+")
+    n_chunks = math.ceil(len(texts) / chunk)
+    todo = [c for c in range(rank, n_chunks, world) if not (folder / "chunks" / f"{c:06d}").exists()]
+    bar = tqdm(total=sum(min(chunk, len(texts) - c * chunk) for c in todo),
+               desc=f"teacher {cfg.name}", unit="text", disable=rank != 0)
+    for c in todo:
+        lo, hi = c * chunk, min((c + 1) * chunk, len(texts))
+        vecs = teachers.encode(model, list(texts[lo:hi]), cfg)
+        if vecs.shape != (hi - lo, arr.shape[1]):
+            raise CacheError(f"teacher {cfg.name} returned {vecs.shape}, expected {(hi - lo, arr.shape[1])}.")
+        norms = np.linalg.norm(vecs, axis=1, keepdims=True)
+        bad = ~np.isfinite(vecs).all(axis=1) | (norms[:, 0] == 0)
+        if bad.any():
+            i = lo + int(np.flatnonzero(bad)[0])
+            raise CacheError(
+                f"teacher {cfg.name} gave a zero or non-finite vector for text {i} "
+                f"({texts[i][:80]!r}). Try dtype: float32 for this teacher, or drop the text."
+            )
+        arr[lo:hi] = (vecs / norms).astype(np.float16)
+        arr.flush()  # rows reach the file before the marker says they did
+        (folder / "chunks" / f"{c:06d}").touch()
+        bar.update(hi - lo)
+    bar.close()
+
+
+def build_teacher_cache(
+    cfg: TeacherConfig,
+    texts: Sequence[str],
+    root: str | Path,
+    *,
+    chunk_size: int = 2048,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Callable[[], None] = lambda: None,
+    device: str | None = None,
+) -> Path:
+    """Fill (or reuse, or resume) this teacher's cache for `texts`; returns the folder.
+
+    Every process must call this (collectively, same arguments but rank). `barrier` synchronizes
+    them; its default suits a single process.
+    """
+    if not texts:
+        raise CacheError("Cannot build a target cache for an empty corpus.")
+    model_folder = teachers.resolve_model_folder(cfg.path)
+    identity = teachers.teacher_identity(cfg, model_folder)
+    corpus_sha = hash_texts(texts)
+    folder = cache_folder(Path(root), identity, corpus_sha, len(texts))
+    manifest_path = folder / MANIFEST
+    if manifest_path.is_file() and read_json(manifest_path).get("complete"):
+        logger.info("Teacher %s: reusing target cache %s", cfg.name, folder)
+        return folder
+    logger.info("Teacher %s: encoding %d texts into %s", cfg.name, len(texts), folder)
+    model = teachers.load_teacher(cfg, model_folder, device=device)
+    if rank == 0:
+        manifest = {
+            "version": CACHE_VERSION,
+            "teacher": identity,
+            "dim": teachers.embedding_dim(model),
+            "rows": len(texts),
+            "corpus_sha256": corpus_sha,
+            "chunk_size": chunk_size,
+            "normalized": True,
+            "rows_written": 0,
+            "complete": False,
+        }
+        _start_or_resume(folder, manifest)
+    barrier()
+    chunk = read_json(manifest_path)["chunk_size"]  # a resumed fill keeps its chunking
+    _fill_chunks(model, cfg, texts, folder, chunk, rank, world_size)
+    barrier()
+    if rank == 0:
+        manifest = read_json(manifest_path)
+        n_done = len(list((folder / "chunks").iterdir()))
+        if n_done != math.ceil(len(texts) / chunk):
+            raise _fail(folder, f"only {n_done} chunks finished")
+        open_cache_unchecked = np.load(folder / VECTORS, mmap_mode="r")
+        _check_rows(folder, open_cache_unchecked)
+        manifest.update(rows_written=len(texts), complete=True)
+        atomic_write_json(manifest_path, manifest)
+    barrier()
+    return folder
+
+
+def cached_targets(
+    teacher_cfgs: Sequence[TeacherConfig],
+    texts: Sequence[str],
+    root: str | Path,
+    **kwargs: Any,
+) -> list[np.ndarray]:
+    """One validated (N, D_k) float16 memmap per teacher, building caches that are missing."""
+    arrays = []
+    for cfg in teacher_cfgs:
+        folder = build_teacher_cache(cfg, texts, root, **kwargs)
+        arrays.append(open_cache(folder, check_rows=len(texts)))
+    return arrays

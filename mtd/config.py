@@ -1,0 +1,309 @@
+"""Typed run configuration: dataclasses with defaults, YAML holds what differs.
+
+Loading is strict (house style rule 3): an unknown key anywhere is an error that names the valid
+keys, and values are checked against the field types, so a typo never silently falls back to a
+default. Overrides use dotted paths (`train.seed=3`, `stages.0.lr=1e-4`) and are typed the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+LOSS_TERMS = ("cos", "sim", "resim")
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used as written."""
+
+
+@dataclass
+class TeacherConfig:
+    name: str  # short name used in cache folders and logs
+    path: str  # local folder (sentence-transformers or transformers) or hub id
+    prompt: str = ""  # prepended to every text, e.g. "query: " (sentence-transformers prompt)
+    max_length: int | None = None  # tokens; None keeps the model's own max_seq_length
+    batch_size: int = 64  # encode batch size while filling the target cache
+    dtype: str = "float32"  # float32 | float16 | bfloat16 (weights and activations)
+    pooling: str = "mean"  # for plain transformers folders only: mean | cls | max | lasttoken
+    weight: float = 1.0  # multiplies this teacher's normalized vector in the concatenated target
+    trust_remote_code: bool = False  # run code shipped with the model; off unless you trust it
+
+
+@dataclass
+class DataConfig:
+    corpus: list[str] = field(default_factory=list)  # .txt (one text per line) or .jsonl files
+    text_field: str = "text"  # key holding the text in .jsonl corpora
+    max_texts: int | None = None  # use only the first N texts (after shuffling with `seed`)
+    shuffle: bool = True  # shuffle once before taking max_texts / dev rows, so both are random
+    dev_size: int = 0  # texts held out for periodic dev evaluation and agreement scores
+    max_chars: int = 20_000  # longer texts are cut to this many characters (warned, counted)
+    seed: int = 0
+
+
+@dataclass
+class StudentConfig:
+    init: str = "scratch"  # scratch | pretrained | teacher
+    path: str | None = None  # pretrained/teacher folder or hub id; for scratch: the tokenizer
+    layers: list[int] | None = None  # init=teacher|pretrained: encoder layers to keep, e.g. [0, 3]
+    model_config: dict[str, Any] = field(default_factory=dict)  # init=scratch: transformers config
+    heads: dict[str, Any] = field(default_factory=lambda: {"fc1": "target"})  # name -> dim
+    max_length: int = 128  # student tokens per text
+    trust_remote_code: bool = False
+
+
+@dataclass
+class StageConfig:
+    name: str
+    train: str = "heads"  # heads | all | last:K (heads plus the last K encoder layers)
+    heads: dict[str, list[str]] = field(default_factory=lambda: {"fc1": list(LOSS_TERMS)})
+    targets: dict[str, str] = field(default_factory=dict)  # head -> "teacher" | "self:HEAD"
+    weights: dict[str, float] = field(
+        default_factory=lambda: {"cos": 10.0, "sim": 200.0, "resim": 20.0}
+    )  # Jasper paper, section 3
+    margin: float = 0.015  # relative-similarity margin
+    resim_chunk_size: int = 1024  # rows of pair-of-pair comparisons held at once
+    resim_samples: int | None = None  # sample this many pairs-of-pairs instead of all (big B)
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05  # linear warmup, then cosine decay to 0
+    steps: int | None = None  # optimizer steps; or give epochs
+    epochs: float | None = None
+    batch_size: int = 128  # global batch: split across processes
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    mixed_precision: str = "no"  # no | fp16 | bf16 (Accelerate)
+    grad_accum: int = 1  # batches per optimizer step; in-batch losses see one batch each
+    max_grad_norm: float | None = 1.0
+    log_every: int = 10  # optimizer steps between log.jsonl rows
+    eval_every: int = 0  # optimizer steps between dev evaluations (0: only at stage ends)
+    save_every: int = 500  # optimizer steps between checkpoints (also saved at stage ends)
+    keep_checkpoints: int = 2  # mid-stage checkpoints kept; stage-end ones are always kept
+    max_steps_per_job: int | None = None  # stop after this many steps (time-limited jobs)
+    num_workers: int = 0  # DataLoader workers
+    report_to: str | None = None  # Accelerate tracker, e.g. tensorboard | wandb
+
+
+@dataclass
+class EvalConfig:
+    sts_dir: str | None = None  # folder of STS sets (<set>/<split>.jsonl); missing: skipped
+    split: str = "test"
+    teachers: bool = True  # score the teachers beside the student (results cached)
+    batch_size: int = 64
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs"  # the run writes OUTPUT_DIR/NAME/
+    cache_dir: str = "cache"  # target caches, shared between runs
+    cache_chunk_size: int = 2048  # texts per cache chunk: the unit of resuming an encode
+    synthetic_assets: str | None = None  # build tiny random teachers + corpus here first
+    teachers: list[TeacherConfig] = field(default_factory=list)
+    data: DataConfig = field(default_factory=DataConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    stages: list[StageConfig] = field(default_factory=list)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export_head: str | None = None  # head in final/ (default: the first head)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+# ---------------------------------------------------------------------------------------------
+# Strict, typed construction from plain dicts
+
+
+def _valid_keys_message(cls: type, key: str, where: str) -> str:
+    names = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return f"Unknown config key '{where}{key}'.{hint} Valid keys here: {', '.join(names)}."
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`, converting where YAML is loose (int -> float)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{where}' must be a mapping, got {value!r}.")
+        return from_dict(tp, value, where + ".")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"'{where}' must be a list, got {value!r}.")
+        return [_coerce(v, args[0], f"{where}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{where}' must be a mapping, got {value!r}.")
+        return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"'{where}' must be {getattr(tp, '__name__', tp)}, got {value!r}.")
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(_valid_keys_message(cls, key, where))
+        kwargs[key] = _coerce(value, hints[key], where + key)
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"Missing required config key(s) {missing} in '{where or 'top level'}'.")
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides: `a.b=value`, `stages.1.lr=3e-5`
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"Override '{item}' must look like key.path=value (e.g. train.seed=1).")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted keys in the raw dict; the typed check happens in `from_dict` afterwards."""
+    for item in overrides:
+        path, value = _parse_override(item)
+        node: Any = data
+        for i, part in enumerate(path[:-1]):
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"'{'.'.join(path[: i + 1])}': no list item {part!r}.")
+                node = node[int(part)]
+            else:
+                node = node.setdefault(part, {})
+                if not isinstance(node, (dict, list)):
+                    raise ConfigError(f"'{'.'.join(path[: i + 1])}' is not a section.")
+        last = path[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise ConfigError(f"'{'.'.join(path)}': no list item {last!r}.")
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file {path} not found. Pass a YAML file such as configs/tiny.yaml.")
+    with path.open(encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of config sections.")
+    cfg = from_dict(RunConfig, apply_overrides(data, list(overrides)))
+    validate(cfg)
+    return cfg
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-field checks that types alone cannot express
+
+
+def _check_stage(stage: StageConfig, heads: dict[str, Any], where: str) -> None:
+    if (stage.steps is None) == (stage.epochs is None):
+        raise ConfigError(f"{where}: give exactly one of 'steps' or 'epochs'.")
+    if stage.train not in ("heads", "all") and not (
+        stage.train.startswith("last:") and stage.train[5:].isdigit()
+    ):
+        raise ConfigError(f"{where}.train={stage.train!r}: use heads, all, or last:K (e.g. last:3).")
+    for head, terms in stage.heads.items():
+        if head not in heads:
+            raise ConfigError(f"{where}.heads: unknown head '{head}'; student heads: {list(heads)}.")
+        bad = [t for t in terms if t not in LOSS_TERMS]
+        if bad or not terms:
+            raise ConfigError(f"{where}.heads.{head}: loss terms {bad or terms} not in {LOSS_TERMS}.")
+    for head, target in stage.targets.items():
+        if head not in stage.heads:
+            raise ConfigError(f"{where}.targets: head '{head}' is not trained in this stage.")
+        source = target.removeprefix("self:")
+        if target != "teacher" and not (target.startswith("self:") and source in heads):
+            raise ConfigError(
+                f"{where}.targets.{head}={target!r}: use 'teacher' or 'self:HEAD' "
+                f"with HEAD one of {list(heads)}."
+            )
+    if set(stage.weights) - set(LOSS_TERMS):
+        raise ConfigError(f"{where}.weights: keys must be among {LOSS_TERMS}.")
+
+
+def validate(cfg: RunConfig) -> None:
+    if not cfg.teachers:
+        raise ConfigError("No teachers: add a 'teachers:' list with name and path for each.")
+    names = [t.name for t in cfg.teachers]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"Teacher names must be unique, got {names}.")
+    if not cfg.data.corpus:
+        raise ConfigError("data.corpus is empty: list one or more .txt or .jsonl files.")
+    if cfg.student.init not in ("scratch", "pretrained", "teacher"):
+        raise ConfigError(f"student.init={cfg.student.init!r}: use scratch, pretrained or teacher.")
+    if cfg.student.init != "scratch" and not cfg.student.path:
+        raise ConfigError(f"student.init={cfg.student.init} needs student.path.")
+    for head, dim in cfg.student.heads.items():
+        if dim != "target" and not (isinstance(dim, int) and dim > 0):
+            raise ConfigError(f"student.heads.{head}={dim!r}: use a positive int or 'target'.")
+    if not cfg.stages:
+        raise ConfigError("No stages: add a 'stages:' list (see configs/default.yaml).")
+    for i, stage in enumerate(cfg.stages):
+        _check_stage(stage, cfg.student.heads, f"stages.{i}")
+    stage_names = [s.name for s in cfg.stages]
+    if len(set(stage_names)) != len(stage_names):
+        raise ConfigError(f"Stage names must be unique (they name checkpoints), got {stage_names}.")
+    if cfg.export_head is not None and cfg.export_head not in cfg.student.heads:
+        raise ConfigError(f"export_head={cfg.export_head!r} is not one of {list(cfg.student.heads)}.")
+    if cfg.train.mixed_precision not in ("no", "fp16", "bf16"):
+        raise ConfigError("train.mixed_precision must be no, fp16 or bf16.")

@@ -1,0 +1,182 @@
+"""Corpus reading and the training dataset (texts paired with cached multi-teacher targets)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class CorpusError(ValueError):
+    """A corpus file that cannot be read as one text per line / per JSON record."""
+
+
+@dataclass(frozen=True)
+class Corpus:
+    train: list[str]
+    dev: list[str]
+
+    @property
+    def texts(self) -> list[str]:
+        """All texts in cache order: the target cache holds train rows, then dev rows."""
+        return self.train + self.dev
+
+
+def _read_lines(path: Path, text_field: str) -> list[str]:
+    texts = []
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise CorpusError(
+                    f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start}). "
+                    f"Convert the file, e.g. `iconv -f latin1 -t utf-8 {path.name}`, "
+                    "or remove the line."
+                ) from None
+            if path.suffix == ".jsonl" and line.strip():
+                try:
+                    line = json.loads(line)[text_field]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise CorpusError(
+                        f"{path}:{lineno}: expected a JSON object with a '{text_field}' string "
+                        "(set data.text_field to the key your file uses)."
+                    ) from None
+            texts.append(line.strip())
+    return texts
+
+
+def read_corpus(
+    paths: Sequence[str | Path],
+    *,
+    text_field: str = "text",
+    max_texts: int | None = None,
+    dev_size: int = 0,
+    max_chars: int = 20_000,
+    shuffle: bool = True,
+    seed: int = 0,
+) -> Corpus:
+    """Read texts, drop blank ones, cut huge ones, shuffle once, split off `dev_size` dev texts."""
+    texts: list[str] = []
+    for p in map(Path, paths):
+        if not p.is_file():
+            raise CorpusError(f"Corpus file {p} not found (data.corpus). Check the path.")
+        if p.suffix not in (".txt", ".jsonl"):
+            raise CorpusError(f"Corpus file {p}: use .txt (one text per line) or .jsonl.")
+        texts.extend(_read_lines(p, text_field))
+    blank = sum(1 for t in texts if not t)
+    texts = [t for t in texts if t]
+    if blank:
+        logger.warning("Skipped %d blank lines in the corpus.", blank)
+    long = sum(1 for t in texts if len(t) > max_chars)
+    if long:
+        logger.warning("Cut %d texts longer than %d characters (data.max_chars).", long, max_chars)
+        texts = [t[:max_chars] for t in texts]
+    if shuffle:
+        random.Random(seed).shuffle(texts)
+    if max_texts is not None:
+        texts = texts[:max_texts]
+    if len(texts) <= dev_size:
+        raise CorpusError(
+            f"The corpus {[str(p) for p in paths]} has {len(texts)} usable texts, not enough for "
+            f"data.dev_size={dev_size} plus training. Add texts or lower dev_size."
+        )
+    cut = len(texts) - dev_size
+    return Corpus(train=texts[:cut], dev=texts[cut:])
+
+
+def multi_teacher_target(
+    parts: Sequence[np.ndarray], weights: Sequence[float] | None = None
+) -> torch.Tensor:
+    """Each teacher (B, D_k) L2-normalized, weighted, concatenated, normalized again: (B, sum D_k)."""
+    weights = weights or [1.0] * len(parts)
+    normed = [
+        w * torch.nn.functional.normalize(torch.from_numpy(np.asarray(p, dtype=np.float32)), dim=-1)
+        for p, w in zip(parts, weights, strict=True)
+    ]
+    return torch.nn.functional.normalize(torch.cat(normed, dim=-1), dim=-1)
+
+
+class TargetDataset(torch.utils.data.Dataset):
+    """Row i: (text i, index i). Targets are gathered per batch in `collate` from memmaps."""
+
+    def __init__(
+        self,
+        texts: Sequence[str],
+        teacher_arrays: Sequence[np.ndarray],
+        weights: Sequence[float],
+        offset: int = 0,
+    ):
+        self.texts = texts
+        self.arrays = teacher_arrays  # each (N_total, D_k) float16 memmap
+        self.weights = list(weights)
+        self.offset = offset  # where these texts start in the cache (dev rows follow train rows)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+    def collate(self, indices: list[int]) -> tuple[list[str], torch.Tensor]:
+        rows = np.asarray(indices) + self.offset
+        order = np.argsort(rows)  # memmaps read fastest in ascending row order
+        parts = [np.empty((len(rows), a.shape[1]), dtype=np.float16) for a in self.arrays]
+        for part, arr in zip(parts, self.arrays, strict=True):
+            part[order] = arr[rows[order]]
+        return [self.texts[i] for i in indices], multi_teacher_target(parts, self.weights)
+
+
+class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Global batch k is a pure function of (seed, k): resuming at step k replays the same order.
+
+    Each epoch is a fresh seeded permutation with the last partial batch dropped. Each process
+    takes its contiguous slice of the global batch, so the processes together see exactly the
+    batch one process would see.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        start: int,
+        stop: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if batch_size > n:
+            raise ValueError(f"batch_size {batch_size} is larger than the {n} training texts.")
+        if batch_size % world_size:
+            raise ValueError(
+                f"Global batch_size {batch_size} must divide evenly over {world_size} processes."
+            )
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.start, self.stop = start, stop
+        self.per_rank = batch_size // world_size
+        self.rank = rank
+        self.batches_per_epoch = n // batch_size
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def global_batch(self, k: int) -> list[int]:
+        epoch, j = divmod(k, self.batches_per_epoch)
+        if epoch != self._epoch:  # one permutation per epoch, not per step
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+        return self._perm[j * self.batch_size : (j + 1) * self.batch_size].tolist()
+
+    def __iter__(self):
+        for k in range(self.start, self.stop):
+            batch = self.global_batch(k)
+            yield batch[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
+
+    def __len__(self) -> int:
+        return self.stop - self.start

