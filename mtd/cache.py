@@ -63,14 +63,16 @@ def open_cache(folder: str | Path, *, check_rows: int | None = None) -> np.ndarr
     folder = Path(folder)
     try:
         manifest = read_json(folder / MANIFEST)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or not UTF-8
         raise _fail(folder, f"manifest unreadable ({e})") from None
+    if not (isinstance(manifest, dict) and all(isinstance(manifest.get(k), int) for k in ("rows", "dim"))):
+        raise _fail(folder, "manifest unreadable (not an object with integer 'rows' and 'dim')")
     if not manifest.get("complete"):
         raise _fail(folder, f"incomplete ({manifest.get('rows_written', 0)} of "
                     f"{manifest.get('rows')} rows); rerun to resume filling it instead")
     try:
         arr = np.load(folder / VECTORS, mmap_mode="r")
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file
         raise _fail(folder, f"{VECTORS} unreadable ({e})") from None
     expected = (manifest["rows"], manifest["dim"])
     if arr.shape != expected or arr.dtype != np.float16:
@@ -144,12 +146,21 @@ def _fill_chunks(
     bar.close()
 
 
+def _complete(manifest_path: Path) -> bool:
+    """Whether a finished fill's manifest is there; unreadable counts as unfinished (started again)."""
+    try:
+        manifest = read_json(manifest_path)
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("complete") is True
+
+
 def build_teacher_cache(
     cfg: TeacherConfig,
     texts: Sequence[str],
     root: str | Path,
     *,
-    chunk_size: int = 2048,
+    chunk_size: int = 1024,
     rank: int = 0,
     world_size: int = 1,
     barrier: Callable[[], None] = lambda: None,
@@ -167,7 +178,7 @@ def build_teacher_cache(
     corpus_sha = hash_texts(texts)
     folder = cache_folder(Path(root), identity, corpus_sha, len(texts))
     manifest_path = folder / MANIFEST
-    if manifest_path.is_file() and read_json(manifest_path).get("complete"):
+    if _complete(manifest_path):
         logger.info("Teacher %s: reusing target cache %s", cfg.name, folder)
         return folder
     logger.info("Teacher %s: encoding %d texts into %s", cfg.name, len(texts), folder)

@@ -107,7 +107,7 @@ class RunConfig:
     name: str = "run"
     output_dir: str = "runs"  # the run writes OUTPUT_DIR/NAME/
     cache_dir: str = "cache"  # target caches, shared between runs
-    cache_chunk_size: int = 2048  # texts per cache chunk: the unit of resuming an encode
+    cache_chunk_size: int = 1024  # texts per cache chunk: the unit of resuming and of progress
     synthetic_assets: str | None = None  # build tiny random teachers + corpus here first
     teachers: list[TeacherConfig] = field(default_factory=list)
     data: DataConfig = field(default_factory=DataConfig)

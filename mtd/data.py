@@ -45,6 +45,8 @@ def _read_lines(path: Path, text_field: str) -> list[str]:
             if path.suffix == ".jsonl" and line.strip():
                 try:
                     line = json.loads(line)[text_field]
+                    if not isinstance(line, str):
+                        raise TypeError
                 except (json.JSONDecodeError, KeyError, TypeError):
                     raise CorpusError(
                         f"{path}:{lineno}: expected a JSON object with a '{text_field}' string "

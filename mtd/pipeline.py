@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from accelerate.utils import set_seed
 
 from mtd import cache, report
 from mtd.config import RunConfig, dump_config
@@ -62,6 +63,9 @@ def run(cfg: RunConfig, resume: bool = False) -> Path:
     weights = [t.weight for t in cfg.teachers]
     train_ds = TargetDataset(corpus.train, arrays, weights)
     dev_ds = TargetDataset(corpus.dev, arrays, weights, offset=len(corpus.train)) if corpus.dev else None
+    # The init must not depend on what ran before (building assets or caches draws random numbers,
+    # and only some runs or ranks do it): seed it, so equal configs start from equal students.
+    set_seed(cfg.train.seed)
     student, tokenizer = build_student(cfg, target_dim=sum(a.shape[1] for a in arrays))
 
     finished = train_stages(accelerator, student, tokenizer, cfg, train_ds, dev_ds, resume)

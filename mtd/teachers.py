@@ -130,4 +130,4 @@ def encode(model, texts: list[str], cfg: TeacherConfig) -> np.ndarray:
 
 
 def embedding_dim(model) -> int:
-    return int(model.get_sentence_embedding_dimension())
+    return int(model.get_embedding_dimension())

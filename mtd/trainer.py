@@ -145,8 +145,11 @@ class StageRunner:
         sampler = StepBatchSampler(len(dataset), batch, seed, start, stop,
                                    self.acc.process_index, self.acc.num_processes)
         collate = partial(_collate, dataset, self.tokenizer, self.max_length)
+        # Its own generator: iterating a DataLoader draws a base seed, which from the global RNG
+        # would shift the dropout stream of a resumed run (restored RNG state, then one more draw).
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + start)
         return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                                           num_workers=self.tcfg.num_workers)
+                                           num_workers=self.tcfg.num_workers, generator=generator)
 
     def _prepare(self):
         trainable = set_trainable(self.student, self.stage.train, list(self.stage.heads))
@@ -185,6 +188,7 @@ class StageRunner:
                 continue
             self._optimizer_step(model, optimizer, scheduler)
             step, micro = step + 1, 0
+            sums["_steps"] = sums.get("_steps", 0) + 1
             bar.update(1)
             bar.set_postfix(loss=f"{terms['loss']:.4f}")
             self._after_step(model, step, sums, scheduler, stop)
@@ -218,7 +222,7 @@ class StageRunner:
     def _after_step(self, model, step: int, sums: dict[str, float], scheduler, stop: int) -> None:
         every = self.tcfg.log_every
         if step % every == 0 or step == stop:
-            n = every if step % every == 0 else step % every
+            n = sums.pop("_steps")  # fewer than `every` right after a resume or at a stop
             row = {k: v / n for k, v in sums.items()} | {"lr": scheduler.get_last_lr()[0]}
             self._log(step, row)
             sums.clear()

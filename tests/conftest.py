@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny random teachers + tokenizer + corpus, built once per test session."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from mtd.config import RunConfig, load_config
+from mtd.synthetic import make_tiny_assets
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_YAML = ROOT / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder with tokenizer/, corpus.txt (3000 texts), teacher_a/ (32-d) and teacher_b/ (48-d)."""
+    return make_tiny_assets(tmp_path_factory.mktemp("tiny-assets"))
+
+
+@pytest.fixture
+def tiny_config(tiny_assets: Path, tmp_path: Path) -> Callable[..., RunConfig]:
+    """`tiny_config(*overrides)` -> configs/tiny.yaml with every path on the session's tiny assets.
+
+    output_dir and cache_dir live under this test's tmp_path; extra dotted overrides
+    (e.g. "train.seed=3") are applied after the path overrides.
+    """
+
+    def make(*overrides: str) -> RunConfig:
+        q = lambda p: json.dumps(str(p))  # noqa: E731  (quoted: YAML-safe whatever the path)
+        paths = [
+            f"synthetic_assets={q(tiny_assets)}",
+            f"output_dir={q(tmp_path / 'runs')}",
+            f"cache_dir={q(tmp_path / 'cache')}",
+            f"teachers.0.path={q(tiny_assets / 'teacher_a')}",
+            f"teachers.1.path={q(tiny_assets / 'teacher_b')}",
+            f"data.corpus=[{q(tiny_assets / 'corpus.txt')}]",
+            f"student.path={q(tiny_assets / 'tokenizer')}",
+        ]
+        return load_config(TINY_YAML, overrides=paths + list(overrides))
+
+    return make
