@@ -3,6 +3,9 @@
     python eval.py MODEL_DIR [MODEL_DIR ...] [--data DIR] [--split test] [--batch-size 64]
                    [--out FILE.json]
 
+MODEL_DIR: any sentence-transformers folder (a teacher, an mtd export) or an mtd run folder
+(runs/NAME, whose final/ export is scored).
+
 Prints a Markdown table (rows = models, columns = sets) and optionally writes the results as JSON.
 """
 
@@ -13,13 +16,13 @@ import logging
 import time
 from pathlib import Path
 
+from mtd.io import atomic_write_json
 from mtd.sts import (
     evaluate_sts,
     find_sts_sets,
     format_table,
     load_sts,
     st_encoder,
-    write_results_json,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent
@@ -49,9 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         args.data = DEFAULT_DATA
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
-    for model_dir in args.models:
+    for i, model_dir in enumerate(args.models):
         if not Path(model_dir).is_dir():
             parser.error(f"model folder not found: {model_dir}")
+        if (Path(model_dir) / "final" / "modules.json").is_file():  # an mtd run folder
+            args.models[i] = str(Path(model_dir) / "final")
 
     try:
         sets = [load_sts(p) for p in find_sts_sets(args.data, args.split)]
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(format_table(rows))
     if args.out is not None:
-        write_results_json(rows, args.out)
+        atomic_write_json(args.out, rows)
     return 0
 
 

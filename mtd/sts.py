@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,6 @@ __all__ = [
     "pearson_cosine",
     "spearman_cosine",
     "st_encoder",
-    "write_results_json",
 ]
 
 FIELDS = ("sentence1", "sentence2", "score")
@@ -347,23 +345,3 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
         values = [cells.get((m, s), "") for s in sets]
         lines.append("| " + " | ".join([_cell(m), *values]) + " |")
     return "\n".join(lines)
-
-
-def write_results_json(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
-    """Write ``rows`` as a JSON list to ``path`` atomically (temp file + ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(list(rows), f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    logger.info("wrote %d results to %s", len(rows), path)
-    return path

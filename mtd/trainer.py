@@ -32,7 +32,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from mtd.config import RunConfig, StageConfig, TrainConfig
 from mtd.data import StepBatchSampler, TargetDataset
-from mtd.distributed import gather_with_grad
+from mtd.distributed import gather_with_grad, world_size
 from mtd.io import append_jsonl, atomic_write_json, read_json
 from mtd.objective import Objective
 from mtd.student import Student, set_trainable, tokenize
@@ -78,6 +78,7 @@ def latest_checkpoint(run_dir: Path) -> tuple[Path, Position] | None:
 def _save_mid_stage(accelerator: Accelerator, run_dir: Path, pos: Position, keep: int) -> Path:
     ckpt = run_dir / "checkpoints" / f"{pos.stage}-{pos.name}-step{pos.step:07d}"
     accelerator.save_state(str(ckpt))
+    accelerator.wait_for_everyone()  # every rank's files (its RNG state) are in before it counts
     if accelerator.is_main_process:
         atomic_write_json(ckpt / STATE_FILE, pos.__dict__)  # written last: marks it complete
         mids = [d for d, p in _checkpoints(run_dir) if not p.done]
@@ -125,7 +126,8 @@ def _collate(dataset: TargetDataset, tokenizer, max_length: int, indices: list[i
 def _forward_global(model, batch, target, heads: set[str], device):
     """Student outputs and targets of the global batch: local rows gathered from every process."""
     outputs = model(**{k: v.to(device) for k, v in batch.items()})
-    outputs = {h: gather_with_grad(outputs[h].float()) for h in heads}
+    # Sorted: a set iterates in per-process hash order, and collectives must match across ranks.
+    outputs = {h: gather_with_grad(outputs[h].float()) for h in sorted(heads)}
     return outputs, gather_with_grad(target.to(device))
 
 
@@ -285,8 +287,21 @@ class StageRunner:
 
 
 def make_accelerator(tcfg: TrainConfig, run_dir: Path) -> Accelerator:
-    return Accelerator(mixed_precision=tcfg.mixed_precision, log_with=tcfg.report_to,
-                       project_dir=str(run_dir))
+    # step_scheduler_with_optimizer=False: the scheduler counts global optimizer steps (batch sizes
+    # are global); Accelerate's default steps it once per process per step, so 2 processes ran
+    # the cosine schedule twice as fast (lr 0 halfway through a stage, then rising again).
+    accelerator = Accelerator(mixed_precision=tcfg.mixed_precision, log_with=tcfg.report_to,
+                              project_dir=str(run_dir), step_scheduler_with_optimizer=False)
+    if world_size() != accelerator.num_processes:
+        # e.g. `accelerate launch --multi_gpu` on a machine without GPUs: torch.distributed is up,
+        # but Accelerate runs every process as a lone main process (each would write the run).
+        raise RuntimeError(
+            f"{world_size()} processes were launched but Accelerate sees {accelerator.num_processes}. "
+            "On CPUs launch with ACCELERATE_USE_CPU=1 (e.g. `ACCELERATE_USE_CPU=1 accelerate launch "
+            "--multi_gpu --num_processes N train.py ...`); note that `accelerate launch --cpu` starts "
+            "one process unless it runs under mpirun."
+        )
+    return accelerator
 
 
 def train_stages(accelerator: Accelerator, student: Student, tokenizer, cfg: RunConfig,

@@ -15,6 +15,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   python -m pip install -q --upgrade pip
   python -m pip install -q torch==2.13.0
   python -m pip install -q -c constraints.txt -r requirements.txt
+  python -m pip install -q --no-deps -e .  # `import mtd` from notebooks/ and anywhere else
   echo "$want" > "$stamp"
 fi
 python scripts/install_teachers.py

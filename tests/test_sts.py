@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mtd.io import atomic_write_json
 from mtd.sts import (
     StsFormatError,
     StsSet,
@@ -21,7 +22,6 @@ from mtd.sts import (
     pearson_cosine,
     spearman_cosine,
     st_encoder,
-    write_results_json,
 )
 
 DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -288,7 +288,8 @@ def test_format_table_and_json(tmp_path):
         "| m1 | 82.03 | 77.10 |",
         "| m\\|2 | -5.00 |  |",
     ]
-    out = write_results_json(rows, tmp_path / "sub" / "results.json")
+    out = tmp_path / "sub" / "results.json"
+    atomic_write_json(out, rows)
     assert json.loads(out.read_text(encoding="utf-8")) == rows
     assert [p.name for p in out.parent.iterdir()] == ["results.json"]  # no temp file left
 
