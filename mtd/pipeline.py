@@ -76,5 +76,5 @@ def run(cfg: RunConfig, resume: bool = False) -> Path:
     head = cfg.export_head or next(iter(student.heads))
     export_student(student, tokenizer, run_dir / "final", head, cfg.student.max_length)
     report.final_report(cfg, run_dir, dev_targets=[np.asarray(a[len(corpus.train):]) for a in arrays],
-                        dev_texts=corpus.dev)
+                        dev_texts=corpus.dev, export_head=head)
     return run_dir

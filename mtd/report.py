@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from scipy import stats
 from mtd import sts, teachers
 from mtd.config import EvalConfig, RunConfig, TeacherConfig
 from mtd.io import atomic_write_json, read_json
+from mtd.student import encode, load_student
 
 logger = logging.getLogger(__name__)
 
@@ -51,15 +53,23 @@ def teacher_sts(cfg: TeacherConfig, sets: list[Path], ecfg: EvalConfig, cache_di
     return rows
 
 
-def student_sts(model_dir: Path, sets: list[Path], batch_size: int) -> list[dict]:
+def student_sts(run_dir: Path, sets: list[Path], batch_size: int, export_head: str) -> list[dict]:
+    """The export in final/ through sentence-transformers, and every other head through mtd."""
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(str(model_dir), device="cpu")
+    model = SentenceTransformer(str(run_dir / "final"), device="cpu")
+    student, tokenizer, max_length = load_student(run_dir / "student")
+    encoders = {f"student {export_head} (final/)": sts.st_encoder(model, batch_size)}
+    for head in student.heads:
+        if head != export_head:
+            encoders[f"student {head}"] = partial(encode, student, tokenizer, head=head,
+                                                  max_length=max_length, batch_size=batch_size)
     rows = []
     for path in sets:
         data = sts.load_sts(path)
-        row = {"model": "student", "set": data.name}
-        rows.append(row | sts.evaluate_sts(sts.st_encoder(model, batch_size), data, batch_size=None))
+        for name, encoder in encoders.items():
+            row = {"model": name, "set": data.name}
+            rows.append(row | sts.evaluate_sts(encoder, data, batch_size=None))
     return rows
 
 
@@ -87,13 +97,13 @@ def agreement_rows(model_dir: Path, texts: list[str], teacher_vecs: list[np.ndar
 
 
 def final_report(cfg: RunConfig, run_dir: Path, dev_targets: list[np.ndarray],
-                 dev_texts: list[str]) -> list[dict[str, Any]]:
-    """Score run_dir/final, write results.json, and log the Markdown table."""
+                 dev_texts: list[str], export_head: str) -> list[dict[str, Any]]:
+    """Score run_dir/final (and the other heads), write results.json, log the Markdown table."""
     ecfg = cfg.eval
     sts_dir = Path(ecfg.sts_dir) if ecfg.sts_dir else None
     if sts_dir is not None and sts_dir.is_dir():
         sets = sts.find_sts_sets(sts_dir, ecfg.split)
-        rows = student_sts(run_dir / "final", sets, ecfg.batch_size)
+        rows = student_sts(run_dir, sets, ecfg.batch_size, export_head)
         if ecfg.teachers:
             for t in cfg.teachers:
                 rows += teacher_sts(t, sets, ecfg, Path(cfg.cache_dir))
