@@ -35,7 +35,7 @@ from mtd.io import atomic_write_json, hash_texts, read_json
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: chunks follow the corpus's length order
 VECTORS = "vectors.npy"
 MANIFEST = "manifest.json"
 
@@ -118,31 +118,49 @@ def _start_or_resume(folder: Path, manifest: dict[str, Any]) -> None:
     atomic_write_json(folder / MANIFEST, manifest)
 
 
+def length_order(texts: Sequence[str]) -> np.ndarray:
+    """Longest first (stable): chunk c holds rows order[c*chunk:(c+1)*chunk].
+
+    Sorting the whole corpus, not each chunk, keeps padding as low as one big encode() call
+    (which sorts by length itself); the order is a pure function of the texts, so resumes agree.
+    """
+    return np.argsort([-len(t) for t in texts], kind="stable")
+
+
+def _encode_checked(model, cfg: TeacherConfig, texts: list[str], rows: np.ndarray, dim: int):
+    """(n, dim) unit float16 rows, or an error naming the corpus row the teacher failed on."""
+    vecs = teachers.encode(model, texts, cfg)
+    if vecs.shape != (len(texts), dim):
+        raise CacheError(f"teacher {cfg.name} returned {vecs.shape}, expected {(len(texts), dim)}.")
+    norms = np.linalg.norm(vecs, axis=1, keepdims=True)
+    bad = ~np.isfinite(vecs).all(axis=1) | (norms[:, 0] == 0)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise CacheError(
+            f"teacher {cfg.name} gave a zero or non-finite vector for text {rows[i]} "
+            f"({texts[i][:80]!r}). "
+            "Try dtype: float32 for this teacher, or drop the text."
+        )
+    return (vecs / norms).astype(np.float16)
+
+
 def _fill_chunks(
     model, cfg: TeacherConfig, texts: Sequence[str], folder: Path, chunk: int, rank: int, world: int
 ) -> None:
     arr = np.load(folder / VECTORS, mmap_mode="r+")
-    n_chunks = math.ceil(len(texts) / chunk)
-    todo = [c for c in range(rank, n_chunks, world) if not (folder / "chunks" / f"{c:06d}").exists()]
-    bar = tqdm(total=sum(min(chunk, len(texts) - c * chunk) for c in todo),
-               desc=f"teacher {cfg.name}", unit="text", disable=rank != 0)
+    order = length_order(texts)
+    chunks = [order[c : c + chunk] for c in range(0, len(texts), chunk)]
+    todo = [c for c in range(rank, len(chunks), world) if not (folder / "chunks" / f"{c:06d}").exists()]
+    bar = tqdm(total=sum(len(chunks[c]) for c in todo), desc=f"teacher {cfg.name}", unit="text",
+               disable=rank != 0)
     for c in todo:
-        lo, hi = c * chunk, min((c + 1) * chunk, len(texts))
-        vecs = teachers.encode(model, list(texts[lo:hi]), cfg)
-        if vecs.shape != (hi - lo, arr.shape[1]):
-            raise CacheError(f"teacher {cfg.name} returned {vecs.shape}, expected {(hi - lo, arr.shape[1])}.")
-        norms = np.linalg.norm(vecs, axis=1, keepdims=True)
-        bad = ~np.isfinite(vecs).all(axis=1) | (norms[:, 0] == 0)
-        if bad.any():
-            i = lo + int(np.flatnonzero(bad)[0])
-            raise CacheError(
-                f"teacher {cfg.name} gave a zero or non-finite vector for text {i} "
-                f"({texts[i][:80]!r}). Try dtype: float32 for this teacher, or drop the text."
-            )
-        arr[lo:hi] = (vecs / norms).astype(np.float16)
+        rows = chunks[c]
+        vecs = _encode_checked(model, cfg, [texts[i] for i in rows], rows, arr.shape[1])
+        ascending = np.argsort(rows)  # a memmap takes sorted row writes fastest
+        arr[rows[ascending]] = vecs[ascending]
         arr.flush()  # rows reach the file before the marker says they did
         (folder / "chunks" / f"{c:06d}").touch()
-        bar.update(hi - lo)
+        bar.update(len(rows))
     bar.close()
 
 
@@ -205,8 +223,7 @@ def build_teacher_cache(
         n_done = len(list((folder / "chunks").iterdir()))
         if n_done != math.ceil(len(texts) / chunk):
             raise _fail(folder, f"only {n_done} chunks finished")
-        open_cache_unchecked = np.load(folder / VECTORS, mmap_mode="r")
-        _check_rows(folder, open_cache_unchecked)
+        _check_rows(folder, np.load(folder / VECTORS, mmap_mode="r"))
         manifest.update(rows_written=len(texts), complete=True)
         atomic_write_json(manifest_path, manifest)
     barrier()

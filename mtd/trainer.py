@@ -33,7 +33,7 @@ from transformers import get_cosine_schedule_with_warmup
 from mtd.config import RunConfig, StageConfig, TrainConfig
 from mtd.data import StepBatchSampler, TargetDataset
 from mtd.distributed import gather_with_grad, world_size
-from mtd.io import append_jsonl, atomic_write_json, read_json
+from mtd.io import append_jsonl, atomic_write_json, atomic_write_text, read_json
 from mtd.objective import Objective
 from mtd.student import Student, set_trainable, tokenize
 
@@ -105,7 +105,7 @@ def _truncate_log(log_path: Path, pos: Position) -> None:
         return
     rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     keep = [r for r in rows if (r["stage"], r["step"]) <= pos.key()]
-    log_path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,11 +10,16 @@ import numpy as np
 import pytest
 
 from mtd import teachers
-from mtd.cache import CacheError, build_teacher_cache, cached_targets, open_cache
+from mtd.cache import CacheError, build_teacher_cache, cached_targets, length_order, open_cache
 from mtd.config import TeacherConfig
 from mtd.io import hash_folder, hash_texts, read_json
 
 N_TEXTS = 100
+
+
+def _chunk(texts: list[str], c: int, size: int = 32) -> list[str]:
+    """The texts of cache chunk c: chunks follow the corpus's length order."""
+    return [texts[i] for i in length_order(texts)[c * size : (c + 1) * size]]
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +134,7 @@ def test_interrupted_fill_resumes_only_missing_chunks(built, tiny_assets, texts,
     # chunk size is the manifest's: a different one now must not re-chunk a fill in progress
     again = build_teacher_cache(cfg, texts, tmp_path, chunk_size=32)
     assert again == folder
-    assert resumed.calls == [texts[64:96], texts[96:]]
+    assert resumed.calls == [_chunk(texts, 2), _chunk(texts, 3)]
     np.testing.assert_array_equal(open_cache(folder, check_rows=N_TEXTS), open_cache(built))
 
 
@@ -163,7 +168,7 @@ def test_two_ranks_fill_alternate_chunks(built, tiny_assets, texts, tmp_path, mo
                                  barrier=barrier)
     assert barriers == [0, 2, 4]
     # rank 0: chunks 0 and 2; then rank 1: chunks 1 and 3
-    assert counting.calls == [texts[0:32], texts[64:96], texts[32:64], texts[96:]]
+    assert counting.calls == [_chunk(texts, c) for c in (0, 2, 1, 3)]
     assert read_json(folder / "manifest.json")["complete"] is True
     np.testing.assert_array_equal(open_cache(folder, check_rows=N_TEXTS), open_cache(built))
 
@@ -198,7 +203,8 @@ def test_zero_or_nan_teacher_vector_names_the_text(tiny_assets, texts, tmp_path,
         build_teacher_cache(_cfg(tiny_assets), texts, tmp_path, chunk_size=32)
     assert "text 45" in str(e.value) and repr(texts[45][:80]) in str(e.value)
     (folder,) = tmp_path.iterdir()
-    assert sorted(p.name for p in (folder / "chunks").iterdir()) == ["000000"]
+    failed = list(length_order(texts)).index(45) // 32  # chunks before it were kept
+    assert sorted(p.name for p in (folder / "chunks").iterdir()) == [f"{c:06d}" for c in range(failed)]
 
 
 def test_wrong_shape_from_teacher(tiny_assets, texts, tmp_path, monkeypatch):
