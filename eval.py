@@ -1,93 +1,92 @@
-"""Score sentence-transformers models on STS sets (Spearman x100 of cosine similarity).
+"""Score embedding models: STS, FAISS retrieval, image-text retrieval, speed.
 
-    python eval.py MODEL_DIR [MODEL_DIR ...] [--data DIR] [--split test] [--batch-size 64]
-                   [--out FILE.json]
+    python eval.py MODEL [MODEL ...] [--tasks sts,retrieval,image-text,speed] [--data DIR]
+                   [--reference LABEL] [--dims heads|64,128] [--index flat|hnsw|ivfpq] [--out FILE]
 
-MODEL_DIR: any sentence-transformers folder (a teacher, an mtd export) or an mtd run folder
-(runs/NAME, whose final/ export is scored).
+MODEL: a sentence-transformers folder, an mtd run (runs/NAME, its final/ export), RUN:HEAD,
+LABEL=MODEL (names it; later MODELs may use the label), A+B (each normalized, concatenated,
+normalized again: the multi-teacher target) or MODEL@DIM (a Matryoshka prefix). Example:
 
-Prints a Markdown table (rows = models, columns = sets) and optionally writes the results as JSON.
+    python eval.py minilm=models/all-MiniLM-L6-v2 mpnet=models/all-mpnet-base-v2 minilm+mpnet \\
+        student=runs/default --reference minilm+mpnet
+
+Data (--data, default ../shared/data) is found by layout: STS files (sentence1, sentence2, score),
+BEIR folders (corpus.jsonl, queries.jsonl, qrels/), image-caption files (image, captions).
+Prints a Markdown table (main metric per data set, retention vs --reference) and writes every
+number with the settings that produced it to --out (JSON).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import time
+import sys
 from pathlib import Path
 
-from mtd.io import atomic_write_json
-from mtd.sts import (
-    evaluate_sts,
-    find_sts_sets,
-    format_table,
-    load_sts,
-    st_encoder,
-)
-
-REPO_ROOT = Path(__file__).resolve().parent
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "sts"
+ROOT = Path(__file__).resolve().parent
+DEFAULT_DATA = ROOT.parent / "shared" / "data"
 
 logger = logging.getLogger("eval")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("models", nargs="+", metavar="MODEL_DIR", help="local model folder(s)")
-    parser.add_argument(
-        "--data", type=Path, default=None, help=f"STS data root (default: {DEFAULT_DATA})"
-    )
-    parser.add_argument("--split", default="test", help="file stem to look for (default: test)")
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from mtd.evaluate import TASKS
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("models", nargs="+", metavar="MODEL")
+    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma list of {', '.join(TASKS)}")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="data root (default: %(default)s)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--reference", default=None, help="label of the model retention is measured against")
+    parser.add_argument("--dims", default=None,
+                        help="'heads' (every head of mtd runs) and/or Matryoshka prefixes, e.g. heads,128")
+    parser.add_argument("--index", default="flat", choices=["flat", "hnsw", "ivfpq"],
+                        help="FAISS index for retrieval; approximate ones also report recall vs exact")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--out", type=Path, default=None, help="write results JSON here")
+    parser.add_argument("--speed-texts", type=int, default=1000, help="texts in the speed set")
+    parser.add_argument("--cache-dir", type=Path, default=ROOT / "cache", help="corpus vector cache")
+    parser.add_argument("--out", type=Path, default=None, help="write all results as JSON here")
     args = parser.parse_args(argv)
+    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in args.tasks if t not in TASKS]
+    if unknown:
+        parser.error(f"unknown task(s) {unknown}; choose from {list(TASKS)}")
+    return args
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
 
-    if args.data is None:
-        if not DEFAULT_DATA.is_dir():
-            parser.error(f"default data directory {DEFAULT_DATA} does not exist; pass --data DIR")
-        args.data = DEFAULT_DATA
-    if args.batch_size < 1:
-        parser.error("--batch-size must be >= 1")
-    for i, model_dir in enumerate(args.models):
-        if not Path(model_dir).is_dir():
-            parser.error(f"model folder not found: {model_dir}")
-        if (Path(model_dir) / "final" / "modules.json").is_file():  # an mtd run folder
-            args.models[i] = str(Path(model_dir) / "final")
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from mtd.encoders import ModelSpecError, parse_models, student_heads, with_prefixes
+    from mtd.evaluate import evaluate_all, retention_table
+    from mtd.io import atomic_write_json
 
     try:
-        sets = [load_sts(p) for p in find_sts_sets(args.data, args.split)]
-    except (FileNotFoundError, ValueError) as exc:
-        parser.error(str(exc))
-    names = [s.name for s in sets]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        parser.error(f"several files give the same set name(s) {dupes} under {args.data}")
-    logger.info("sets: %s", ", ".join(f"{s.name} ({len(s)} pairs)" for s in sets))
-
-    from sentence_transformers import SentenceTransformer  # slow import; after arg checks
-
-    rows = []
-    for model_dir in args.models:
-        start = time.perf_counter()
-        model = SentenceTransformer(str(model_dir), trust_remote_code=False)
-        encode = st_encoder(model, batch_size=args.batch_size)
-        for sts in sets:
-            # batch_size=None: one encode call per set, so sentence-transformers batches and
-            # length-sorts the whole set itself.
-            result = evaluate_sts(encode, sts, batch_size=None)
-            rows.append({"model": model_dir, "set": sts.name, **result})
-        logger.info("%s done in %.1f s", model_dir, time.perf_counter() - start)
-        del model
-
-    print(format_table(rows))
+        base = parse_models(args.models)
+        models = dict(base)
+        for part in (args.dims or "").split(","):
+            if part.strip() == "heads":
+                models = student_heads(models)
+            elif part.strip():
+                models = with_prefixes(models, [int(part)])
+    except (ModelSpecError, ValueError) as e:
+        sys.exit(f"eval.py: {e}")
+    if args.reference is not None and args.reference not in models:
+        sys.exit(f"eval.py: --reference {args.reference!r} is not one of {list(models)}")
+    try:
+        rows = evaluate_all(models, data=args.data, tasks=args.tasks, split=args.split,
+                            batch_size=args.batch_size, index=args.index, cache_dir=args.cache_dir,
+                            speed=(tuple(args.models), list(base), args.speed_texts))
+    except (FileNotFoundError, ValueError) as e:  # bad data: the message names file and problem
+        sys.exit(f"eval.py: {e}")
+    print(retention_table(rows, args.reference))
     if args.out is not None:
-        atomic_write_json(args.out, rows)
+        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        fingerprints = {label: m.fingerprint for label, m in models.items()}
+        atomic_write_json(args.out, {"settings": settings, "models": fingerprints, "results": rows})
+        logger.info("Wrote %d results to %s", len(rows), args.out)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

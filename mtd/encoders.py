@@ -1,0 +1,241 @@
+"""Models to evaluate, named by a spec string, all behind one `encode(texts, role)` interface.
+
+Spec grammar (eval.py MODEL arguments):
+    PATH              a sentence-transformers folder (a teacher, an mtd export) or an mtd run
+                      folder (runs/NAME: its final/ export)
+    PATH:HEAD         one head of an mtd run or mtd student folder (e.g. runs/default:fc256)
+    LABEL=SPEC        defines LABEL, which later specs may use (minilm=models/all-MiniLM-L6-v2)
+    A+B               the multi-teacher combination: each part L2-normalized, concatenated,
+                      normalized again (what a student is trained to imitate)
+    SPEC@DIM          the first DIM dimensions (Matryoshka prefix), renormalized
+
+Every model returns L2-normalized float32 (N, D) vectors and has a fingerprint (weights hash,
+prompts, head, dims) so vectors can be cached by model and texts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from mtd.io import hash_folder, hash_texts, read_json
+from mtd.student import STUDENT_FILE, load_student
+from mtd.student import encode as student_encode
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("query", "document")
+
+
+class ModelSpecError(ValueError):
+    """A model spec that does not name a usable model."""
+
+
+class Encoder(Protocol):
+    name: str
+    fingerprint: str
+
+    def encode(self, texts: list[str], role: str = "document", batch_size: int = 64) -> np.ndarray:
+        """(N, D) L2-normalized float32."""
+        ...
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+@dataclass
+class SentenceTransformerEncoder:
+    """A sentence-transformers folder; its own "query"/"document" prompts are used (as MTEB does)."""
+
+    name: str
+    folder: Path
+    device: str | None = None
+    _model: object = field(default=None, repr=False)
+
+    @property
+    def model(self):
+        if self._model is None:
+            from sentence_transformers import SentenceTransformer
+
+            self._model = SentenceTransformer(str(self.folder), device=self.device)
+        return self._model
+
+    @cached_property
+    def fingerprint(self) -> str:
+        return hash_folder(self.folder)
+
+    def prompt(self, role: str) -> str | None:
+        prompts = getattr(self.model, "prompts", None) or {}
+        return prompts.get(role) or (prompts.get("passage") if role == "document" else None)
+
+    def encode(self, texts: list[str], role: str = "document", batch_size: int = 64) -> np.ndarray:
+        vecs = self.model.encode(texts, batch_size=batch_size, prompt=self.prompt(role),
+                                 convert_to_numpy=True, show_progress_bar=len(texts) > batch_size)
+        return _normalize(vecs)
+
+
+@dataclass
+class StudentHeadEncoder:
+    """One head of an mtd student, encoded by mtd itself (heads beyond the exported one)."""
+
+    name: str
+    folder: Path  # an mtd student folder (runs/NAME/student)
+    head: str
+    _loaded: tuple | None = field(default=None, repr=False)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        return f"{hash_folder(self.folder)}:{self.head}"
+
+    def encode(self, texts: list[str], role: str = "document", batch_size: int = 64) -> np.ndarray:
+        if self._loaded is None:
+            self._loaded = load_student(self.folder)
+            if self.head not in self._loaded[0].heads:
+                raise ModelSpecError(f"{self.name}: no head {self.head!r}; "
+                                     f"heads: {list(self._loaded[0].heads)}.")
+        student, tokenizer, max_length = self._loaded
+        return student_encode(student, tokenizer, texts, self.head, max_length, batch_size,
+                              progress=len(texts) > batch_size)
+
+
+@dataclass
+class ConcatEncoder:
+    """Each part normalized, concatenated, normalized again: the multi-teacher target."""
+
+    name: str
+    parts: list[Encoder]
+
+    @property
+    def fingerprint(self) -> str:
+        return "+".join(p.fingerprint for p in self.parts)
+
+    def encode(self, texts: list[str], role: str = "document", batch_size: int = 64) -> np.ndarray:
+        return _normalize(np.concatenate([p.encode(texts, role, batch_size) for p in self.parts], 1))
+
+
+@dataclass
+class PrefixEncoder:
+    """The first `dim` dimensions, renormalized (Matryoshka-style truncation)."""
+
+    name: str
+    inner: Encoder
+    dim: int
+
+    @property
+    def fingerprint(self) -> str:
+        return f"{self.inner.fingerprint}@{self.dim}"
+
+    def encode(self, texts: list[str], role: str = "document", batch_size: int = 64) -> np.ndarray:
+        vecs = self.inner.encode(texts, role, batch_size)
+        if self.dim > vecs.shape[1]:
+            raise ModelSpecError(f"{self.name}: prefix {self.dim} > the model's {vecs.shape[1]} dims.")
+        return _normalize(vecs[:, : self.dim])
+
+
+def _from_path(spec: str, name: str) -> Encoder:
+    path, _, head = spec.partition(":") if ":" in spec and not Path(spec).exists() else (spec, "", "")
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ModelSpecError(
+            f"Model {spec!r}: {folder} is not a folder. Give a sentence-transformers folder, an "
+            "mtd run (runs/NAME), RUN:HEAD, a LABEL defined earlier, or A+B."
+        )
+    if head:
+        student = folder / "student" if (folder / "student" / STUDENT_FILE).is_file() else folder
+        if not (student / STUDENT_FILE).is_file():
+            raise ModelSpecError(f"Model {spec!r}: {folder} is not an mtd run or student folder.")
+        return StudentHeadEncoder(name, student, head)
+    if (folder / "final" / "modules.json").is_file():  # an mtd run: its export
+        folder = folder / "final"
+    if not (folder / "modules.json").is_file() and not (folder / "config.json").is_file():
+        raise ModelSpecError(f"Model {spec!r}: {folder} holds no model (no modules.json/config.json).")
+    return SentenceTransformerEncoder(name, folder)
+
+
+def parse_models(specs: list[str]) -> dict[str, Encoder]:
+    """Resolve eval.py MODEL arguments in order; returns {label: encoder} of those to evaluate.
+
+    A `LABEL=SPEC` definition is evaluated too; its label may be used by later specs.
+    """
+    labels: dict[str, Encoder] = {}
+    out: dict[str, Encoder] = {}
+    for raw in specs:
+        label, eq, spec = raw.partition("=")
+        if not eq:
+            label, spec = raw, raw
+        out[label] = labels[label] = _resolve(spec, label, labels)
+    return out
+
+
+def _resolve(spec: str, name: str, labels: dict[str, Encoder]) -> Encoder:
+    base, at, dim = spec.rpartition("@") if "@" in spec else (spec, "", "")
+    if at:
+        if not dim.isdigit() or int(dim) < 1:
+            raise ModelSpecError(f"Model {spec!r}: the prefix after @ must be a positive int.")
+        return PrefixEncoder(name, _resolve(base, base, labels), int(dim))
+    if "+" in spec:
+        return ConcatEncoder(name, [_resolve(p, p, labels) for p in spec.split("+")])
+    if spec in labels:
+        return labels[spec]
+    return _from_path(spec, name)
+
+
+def load_encoder(specs: tuple[str, ...], label: str) -> Encoder:
+    """Picklable way to rebuild one model in another process (speed measurements)."""
+    return parse_models(list(specs))[label]
+
+
+def with_prefixes(models: dict[str, Encoder], dims: list[int]) -> dict[str, Encoder]:
+    """Add a Matryoshka-prefix variant of every model for each of `dims` (eval.py --dims)."""
+    out = dict(models)
+    for label, model in models.items():
+        for d in dims:
+            out[f"{label}@{d}"] = PrefixEncoder(f"{label}@{d}", model, d)
+    return out
+
+
+def student_heads(models: dict[str, Encoder]) -> dict[str, Encoder]:
+    """Every other head of each mtd run among `models`, as its own model (eval.py --dims heads)."""
+    out = dict(models)
+    for label, model in models.items():
+        if isinstance(model, SentenceTransformerEncoder) and model.folder.name == "final":
+            student = model.folder.parent / "student"
+            if (student / STUDENT_FILE).is_file():
+                for head in read_json(student / STUDENT_FILE)["heads"]:
+                    out.setdefault(f"{label}:{head}", StudentHeadEncoder(f"{label}:{head}", student, head))
+    return out
+
+
+def cached_encode(model: Encoder, texts: list[str], role: str, cache_dir: str | Path | None,
+                  batch_size: int = 64) -> np.ndarray:
+    """model.encode, memoized on disk by (model fingerprint, role, texts)."""
+    if cache_dir is None:
+        return model.encode(texts, role, batch_size)
+    key = hashlib.sha256(f"{model.fingerprint}|{role}|{hash_texts(texts)}".encode()).hexdigest()[:24]
+    path = Path(cache_dir) / "vectors" / f"{key}.npy"
+    if path.is_file():
+        try:
+            vecs = np.load(path)
+            if vecs.shape[0] == len(texts) and np.isfinite(vecs).all():
+                logger.info("%s: reusing cached %s vectors %s", model.name, role, path)
+                return vecs
+        except (OSError, ValueError):
+            pass
+        logger.warning("Cached vectors %s are unreadable or wrong; encoding again.", path)
+    vecs = model.encode(texts, role, batch_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy")
+    with os.fdopen(fd, "wb") as f:
+        np.save(f, vecs)
+    os.replace(tmp, path)
+    return vecs

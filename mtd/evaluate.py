@@ -1,0 +1,192 @@
+"""The evaluation suite behind eval.py: find data, score models, report with retention.
+
+Data is recognized by layout, so any folder in these conventions works:
+    BEIR retrieval   a folder holding corpus.jsonl, queries.jsonl and qrels/<split>.tsv
+    STS              <split>.jsonl|csv|tsv with sentence1, sentence2, score
+    image-text       <split>.jsonl with image and captions
+Each result is a row {model, task, dataset, metric, value, ...settings}; `main_metric` picks the
+number shown per dataset in the table (Spearman for STS, nDCG@10 for retrieval, as MTEB).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from mtd import sts
+from mtd.encoders import Encoder, cached_encode, load_encoder
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("sts", "retrieval", "image-text", "speed")
+MAIN_METRIC = {"sts": "spearman", "retrieval": "ndcg@10", "image-text": "t2i_R@1",
+               "speed": "sentences_per_s"}
+
+
+@dataclass
+class Datasets:
+    sts: list[Path] = field(default_factory=list)
+    retrieval: list[Path] = field(default_factory=list)
+    image_text: list[Path] = field(default_factory=list)
+
+
+def _first_record(path: Path) -> dict[str, Any] | list[str]:
+    with path.open(encoding="utf-8", errors="replace") as f:
+        line = f.readline()
+    if path.suffix == ".jsonl":
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            return {}
+        return record if isinstance(record, dict) else {}
+    return line.rstrip("\n").split("\t" if path.suffix == ".tsv" else ",")
+
+
+def discover(root: str | Path, split: str = "test") -> Datasets:
+    """Every data set under `root` (or `root` itself), recognized by its layout."""
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"Data folder {root} does not exist; pass --data DIR.")
+    found = Datasets()
+    corpora = root.rglob("corpus.jsonl")
+    beir_dirs = sorted({p.parent for p in corpora if (p.parent / "queries.jsonl").is_file()})
+    found.retrieval = beir_dirs
+    for path in sorted(root.rglob(f"{split}.*")):
+        if path.suffix not in sts.SUFFIXES or any(d in path.parents for d in beir_dirs):
+            continue
+        head = _first_record(path)
+        keys = set(head) if isinstance(head, (dict, list)) else set()
+        if {"sentence1", "sentence2", "score"} <= keys:
+            found.sts.append(path)
+        elif {"image", "captions"} <= keys:
+            found.image_text.append(path)
+        else:
+            logger.warning("Skipping %s: neither STS (sentence1, sentence2, score) nor image-text "
+                           "(image, captions) columns.", path)
+    return found
+
+
+def _row(model: str, task: str, dataset: str, metrics: dict[str, Any], **settings) -> dict:
+    return {"model": model, "task": task, "dataset": dataset, **metrics, **settings}
+
+
+def run_sts(label: str, model: Encoder, paths: Sequence[Path], batch_size: int) -> list[dict]:
+    rows = []
+    for path in paths:
+        data = sts.load_sts(path)
+        encode = partial(model.encode, role="document", batch_size=batch_size)
+        rows.append(_row(label, "sts", data.name, sts.evaluate_sts(encode, data, batch_size=None),
+                         file=str(path)))
+    return rows
+
+
+def run_retrieval(label: str, model: Encoder, paths: Sequence[Path], *, split: str, batch_size: int,
+                  index: str, cache_dir: Path | None) -> list[dict]:
+    from mtd import retrieval
+
+    rows = []
+    for path in paths:
+        data = retrieval.load_beir(path, split)
+        t0 = time.perf_counter()
+        metrics = retrieval.evaluate_retrieval(
+            partial(cached_encode, model, role="query", cache_dir=None, batch_size=batch_size),
+            partial(cached_encode, model, role="document", cache_dir=cache_dir, batch_size=batch_size),
+            data, index=index)
+        rows.append(_row(label, "retrieval", data.name, metrics, folder=str(path),
+                         seconds=time.perf_counter() - t0))
+    return rows
+
+
+def run_image_text(label: str, model: Encoder, paths: Sequence[Path]) -> list[dict]:
+    """Image-text retrieval needs an image encoder; text-only models are skipped, not scored 0."""
+    if not hasattr(model, "encode_images"):
+        if paths:
+            logger.info("%s: no image encoder, skipping image-text (%d sets).", label, len(paths))
+        return []
+    from mtd import image_text
+
+    rows = []
+    for path in paths:
+        data = image_text.load_image_text(path)
+        images, ok, problems = image_text.load_images(data.image_paths)
+        data = image_text.drop_images(data, ok)
+        metrics = image_text.image_text_recall(model.encode_images(images), model.encode(data.captions),
+                                               data.caption_image)
+        rows.append(_row(label, "image-text", data.name, metrics, skipped_images=len(problems)))
+    return rows
+
+
+def retention_table(rows: list[dict], reference: str | None) -> str:
+    """Markdown: one row per model, the main metric per dataset, retention vs `reference`.
+
+    Retention is the mean over quality columns of 100 * model / reference; speed is shown as
+    sentences/s and as a multiple of the reference's.
+    """
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    cols = list(dict.fromkeys((r["task"], r["dataset"]) for r in rows))
+    value = {(r["model"], r["task"], r["dataset"]): r[MAIN_METRIC[r["task"]]] for r in rows
+             if MAIN_METRIC[r["task"]] in r}
+    names = [f"{d} {MAIN_METRIC[t]}" if t != "speed" else "sentences/s" for t, d in cols]
+    header = ["model", *names] + (["retention %", "speed x"] if reference else [])
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for m in models:
+        cells = [f"{value[(m, t, d)]:.2f}" if (m, t, d) in value else "" for t, d in cols]
+        if reference:
+            cells += _retention_cells(value, m, reference, cols)
+        lines.append("| " + " | ".join([m, *cells]) + " |")
+    return "\n".join(lines)
+
+
+def _retention_cells(value: dict, model: str, reference: str, cols: list[tuple[str, str]]) -> list[str]:
+    both = [(t, d) for t, d in cols if (model, t, d) in value and value.get((reference, t, d))]
+    ratios = [100 * value[(model, t, d)] / value[(reference, t, d)] for t, d in both if t != "speed"]
+    speed = [(t, d) for t, d in both if t == "speed"]
+    retention = f"{sum(ratios) / len(ratios):.1f}" if ratios else ""
+    speedup = f"{value[(model, *speed[0])] / value[(reference, *speed[0])]:.2f}" if speed else ""
+    return [retention, speedup]
+
+
+def _speed_encoder(specs: tuple[str, ...], label: str):
+    """Runs in the speed child process: rebuild the model there and return encode(texts, bs)."""
+    model = load_encoder(specs, label)
+    return lambda texts, batch_size: model.encode(texts, "document", batch_size)
+
+
+def run_speed(specs: tuple[str, ...], labels: list[str], n_texts: int, batch_size: int) -> list[dict]:
+    """Speed of each model in its own fresh process (clean peak memory), one after another."""
+    from mtd import speed
+
+    texts = speed.default_speed_texts(n_texts)
+    rows = []
+    for label in labels:
+        report = speed.speed_report(partial(_speed_encoder, specs, label), texts, batch_size=batch_size)
+        rows.append(_row(label, "speed", f"wordnet-{len(texts)}", report, batch_size=batch_size))
+    return rows
+
+
+def evaluate_all(models: dict[str, Encoder], *, data: Path, tasks: Sequence[str], split: str,
+                 batch_size: int, index: str, cache_dir: Path | None,
+                 speed: tuple[tuple[str, ...], list[str], int] | None) -> list[dict]:
+    """Every task for every model; `speed` = (model specs, labels to time, number of texts)."""
+    found = discover(data, split) if set(tasks) - {"speed"} else Datasets()
+    logger.info("Data: %d STS, %d retrieval, %d image-text sets under %s", len(found.sts),
+                len(found.retrieval), len(found.image_text), data)
+    rows: list[dict] = []
+    for label, model in models.items():
+        if "sts" in tasks:
+            rows += run_sts(label, model, found.sts, batch_size)
+        if "retrieval" in tasks:
+            rows += run_retrieval(label, model, found.retrieval, split=split, batch_size=batch_size,
+                                  index=index, cache_dir=cache_dir)
+        if "image-text" in tasks:
+            rows += run_image_text(label, model, found.image_text)
+    if "speed" in tasks and speed is not None:
+        specs, labels, n_texts = speed
+        rows += run_speed(specs, labels, n_texts, batch_size)
+    return rows

@@ -1,0 +1,124 @@
+"""Model specs for evaluation: folders, runs, heads, A+B combinations, prefixes, vector cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mtd.encoders import (
+    ConcatEncoder,
+    ModelSpecError,
+    PrefixEncoder,
+    StudentHeadEncoder,
+    cached_encode,
+    parse_models,
+    student_heads,
+    with_prefixes,
+)
+from mtd.pipeline import run
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def texts(tiny_assets):
+    return (tiny_assets / "corpus.txt").read_text().splitlines()[:40]
+
+
+def _st(folder, texts):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(folder), device="cpu").encode(texts, convert_to_numpy=True)
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_combination_equals_manual_concatenation(tiny_assets, texts):
+    a, b = tiny_assets / "teacher_a", tiny_assets / "teacher_b"
+    models = parse_models([f"a={a}", f"b={b}", "a+b"])
+    assert list(models) == ["a", "b", "a+b"]
+    combo = models["a+b"]
+    assert isinstance(combo, ConcatEncoder) and combo.parts == [models["a"], models["b"]]
+    manual = _unit(np.concatenate([_unit(_st(a, texts)), _unit(_st(b, texts))], axis=1))
+    got = combo.encode(texts)
+    assert got.shape == (len(texts), 32 + 48)
+    np.testing.assert_allclose(got, manual, atol=1e-5)
+
+
+def test_prefix_is_truncated_and_renormalized(tiny_assets, texts):
+    models = parse_models([f"a={tiny_assets / 'teacher_a'}", "a@8"])
+    assert isinstance(models["a@8"], PrefixEncoder)
+    full = _unit(_st(tiny_assets / "teacher_a", texts))
+    np.testing.assert_allclose(models["a@8"].encode(texts), _unit(full[:, :8]), atol=1e-5)
+    with pytest.raises(ModelSpecError, match="prefix 999"):
+        parse_models([f"{tiny_assets / 'teacher_a'}@999"])[f"{tiny_assets / 'teacher_a'}@999"].encode(texts)
+    extra = with_prefixes(models, [4, 16])
+    assert {"a@4", "a@16", "a@8@4"} <= set(extra)
+
+
+@pytest.mark.parametrize("spec, problem", [
+    ("no/such/folder", "not a folder"),
+    ("x@0", "positive int"),
+    ("x@abc", "positive int"),
+])
+def test_bad_specs_name_the_problem(spec, problem):
+    with pytest.raises(ModelSpecError, match=problem):
+        parse_models([spec])
+
+
+def test_run_folder_heads_and_export(tiny_config, texts):
+    run_dir = run(tiny_config("stages.0.steps=3", "stages.1.steps=3", "stages.2.steps=3"))
+    models = parse_models([f"s={run_dir}", f"{run_dir}:fc16"])
+    export = models["s"]
+    assert export.folder == run_dir / "final"
+    head = models[f"{run_dir}:fc16"]
+    assert isinstance(head, StudentHeadEncoder) and head.encode(texts).shape == (len(texts), 16)
+    heads = student_heads({"s": export})
+    assert set(heads) == {"s", "s:fc1", "s:fc16"}
+    # the export (fc1 through sentence-transformers) equals mtd's own fc1 head
+    np.testing.assert_allclose(export.encode(texts), heads["s:fc1"].encode(texts), atol=1e-5)
+    with pytest.raises(ModelSpecError, match="no head 'nope'"):
+        parse_models([f"{run_dir}:nope"])[f"{run_dir}:nope"].encode(texts)
+
+
+class _Counting:
+    name, fingerprint = "counting", "fp-1"
+
+    def __init__(self):
+        self.calls = 0
+
+    def encode(self, texts, role="document", batch_size=64):
+        self.calls += 1
+        return _unit(np.arange(1, 1 + 4 * len(texts), dtype=np.float32).reshape(len(texts), 4))
+
+
+def test_vector_cache_reuses_by_model_role_and_texts(tmp_path):
+    model = _Counting()
+    first = cached_encode(model, ["a", "b"], "document", tmp_path)
+    np.testing.assert_array_equal(cached_encode(model, ["a", "b"], "document", tmp_path), first)
+    assert model.calls == 1
+    cached_encode(model, ["a", "b"], "query", tmp_path)  # another role
+    cached_encode(model, ["a", "c"], "document", tmp_path)  # other texts
+    model.fingerprint = "fp-2"  # other weights
+    cached_encode(model, ["a", "b"], "document", tmp_path)
+    assert model.calls == 4
+
+
+def test_corrupt_cached_vectors_are_encoded_again(tmp_path):
+    model = _Counting()
+    cached_encode(model, ["a", "b"], "document", tmp_path)
+    (path,) = (tmp_path / "vectors").iterdir()
+    path.write_bytes(b"garbage")
+    np.testing.assert_array_equal(cached_encode(model, ["a", "b"], "document", tmp_path),
+                                  model.encode(["a", "b"]))
+    assert model.calls == 3  # first fill, the re-encode, and the reference call above
+    assert np.load(path).shape == (2, 4)  # and the file was rewritten
