@@ -1,0 +1,349 @@
+"""Image-text retrieval evaluation: data loading and the recall metric.
+
+Loads image-caption sets (``.jsonl``, one ``{"image": "images/NNN.jpg", "captions": [...]}`` per
+line, image paths relative to the file's folder), decodes the images with PIL (skipping and
+counting broken ones), and scores image and caption embeddings with the COCO/Flickr retrieval
+recall: text->image R@k and image->text R@k, x100, by exact inner-product search with FAISS.
+
+Typical use (the image encoder is supplied by the caller)::
+
+    ds = load_image_text("coco_mini/test.jsonl")
+    images, ok, problems = load_images(ds.image_paths)
+    ds = drop_images(ds, ok)                       # captions of broken images go too
+    scores = image_text_recall(encode_images(images), encode_texts(ds.captions), ds.caption_image)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ImageLoadError",
+    "ImageTextFormatError",
+    "ImageTextSet",
+    "drop_images",
+    "image_text_recall",
+    "load_image_text",
+    "load_images",
+]
+
+# PIL reports a broken file with whichever exception its decoder happens to raise: OSError
+# (truncated data, unidentified format, missing file), SyntaxError (broken PNG chunks), EOFError,
+# struct.error and ValueError from header parsers, DecompressionBombError for absurd sizes.
+_DECODE_ERRORS = (OSError, SyntaxError, EOFError, ValueError, struct.error, Image.DecompressionBombError)
+
+
+class ImageTextFormatError(ValueError):
+    """An image-text file cannot be read; the message names the file and, where known, the line."""
+
+    def __init__(self, path: str | os.PathLike[str], problem: str, line: int | None = None):
+        self.path = Path(path)
+        self.line = line
+        self.problem = problem
+        where = f"{self.path}, line {line}" if line is not None else str(self.path)
+        super().__init__(f"{where}: {problem}")
+
+
+class ImageLoadError(RuntimeError):
+    """Not one image could be decoded; ``problems`` lists each path with its reason."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        shown = "\n  ".join(problems[:5]) + ("\n  ..." if len(problems) > 5 else "")
+        super().__init__(
+            f"none of the {len(problems)} images could be loaded; check that the image folder "
+            f"sits next to the .jsonl file and holds readable images:\n  {shown}"
+        )
+
+
+@dataclass(frozen=True)
+class ImageTextSet:
+    """``len(image_paths)`` images with ``len(captions)`` captions; caption ``j`` describes image
+    ``caption_image[j]`` (int array, shape (N_txt,)). Every image has at least one caption."""
+
+    name: str
+    image_paths: list[Path]
+    captions: list[str]
+    caption_image: np.ndarray = field(repr=False)
+
+    def __post_init__(self) -> None:
+        idx = self.caption_image
+        if idx.ndim != 1 or idx.shape[0] != len(self.captions):
+            raise ValueError(
+                f"ImageTextSet {self.name!r}: caption_image has shape {idx.shape}, "
+                f"expected ({len(self.captions)},)"
+            )
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self.image_paths)):
+            raise ValueError(
+                f"ImageTextSet {self.name!r}: caption_image holds indices outside "
+                f"[0, {len(self.image_paths)})"
+            )
+
+    @property
+    def n_images(self) -> int:
+        return len(self.image_paths)
+
+    @property
+    def n_captions(self) -> int:
+        return len(self.captions)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _records(path: Path, text: str) -> Iterable[tuple[int, dict[str, Any]]]:
+    for line_no, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ImageTextFormatError(path, f"invalid JSON: {exc.msg}", line_no) from None
+        if not isinstance(record, dict):
+            raise ImageTextFormatError(
+                path, f"expected a JSON object, got {type(record).__name__}", line_no
+            )
+        missing = [k for k in ("image", "captions") if k not in record]
+        if missing:
+            raise ImageTextFormatError(
+                path, f"missing key(s) {', '.join(map(repr, missing))}", line_no
+            )
+        yield line_no, record
+
+
+def _check_record(path: Path, record: dict[str, Any], line: int) -> tuple[str, list[str]]:
+    image, captions = record["image"], record["captions"]
+    if not isinstance(image, str) or not image.strip():
+        raise ImageTextFormatError(path, f"'image' must be a non-empty path string, got {image!r}", line)
+    if not isinstance(captions, list):
+        raise ImageTextFormatError(
+            path, f"'captions' must be a list of strings, got {type(captions).__name__}", line
+        )
+    if not captions:
+        raise ImageTextFormatError(
+            path, "empty 'captions' list (every image needs at least one caption; drop the line)", line
+        )
+    for i, caption in enumerate(captions):
+        if not isinstance(caption, str):
+            raise ImageTextFormatError(
+                path, f"caption {i} must be a string, got {type(caption).__name__}", line
+            )
+    return image, captions
+
+
+def load_image_text(jsonl_path: str | os.PathLike[str]) -> ImageTextSet:
+    """Read an image-caption set from a ``.jsonl`` file.
+
+    One JSON object per line, ``{"image": "images/NNN.jpg", "captions": ["...", ...]}`` (extra
+    keys ignored, blank lines skipped). Image paths are made absolute relative to the file's
+    folder; the files are not opened here (see :func:`load_images`). The set is named
+    ``"<parent dir>/<file stem>"``, e.g. ``"coco_mini/test"``.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ImageTextFormatError: undecodable UTF-8, invalid JSON, missing key, empty or non-string
+            caption list entries, an image listed twice, or an empty file; names file and line.
+    """
+    path = Path(jsonl_path)
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ImageTextFormatError(path, f"not valid UTF-8 (byte offset {exc.start})") from None
+    folder = path.parent.resolve()
+    image_paths: list[Path] = []
+    captions: list[str] = []
+    owner: list[int] = []
+    first_line: dict[Path, int] = {}
+    for line_no, record in _records(path, text):
+        image, caps = _check_record(path, record, line_no)
+        image_path = folder / image  # an absolute "image" stays as it is
+        # A repeated image would tie with itself in text->image search and make recall depend
+        # on tie-breaking, so it is an error rather than a silent second entry.
+        if image_path in first_line:
+            raise ImageTextFormatError(
+                path,
+                f"image {image!r} already listed on line {first_line[image_path]}; "
+                "merge its captions into one line",
+                line_no,
+            )
+        first_line[image_path] = line_no
+        owner.extend([len(image_paths)] * len(caps))
+        image_paths.append(image_path)
+        captions.extend(caps)
+    if not image_paths:
+        raise ImageTextFormatError(path, "empty file (no image lines)")
+    name = f"{path.parent.name}/{path.stem}"
+    logger.debug("loaded %s: %d images, %d captions from %s", name, len(image_paths), len(captions), path)
+    return ImageTextSet(name, image_paths, captions, np.asarray(owner, dtype=np.int64))
+
+
+def _open_image(path: Path, mode: str) -> Image.Image:
+    with Image.open(path) as img:
+        # convert() decodes; load() makes sure a no-op convert (already in `mode`) decodes too,
+        # so a truncated file fails here and not later inside the encoder.
+        out = img.convert(mode)
+        out.load()
+    return out
+
+
+def load_images(
+    paths: Sequence[str | os.PathLike[str]], *, mode: str = "RGB"
+) -> tuple[list[Image.Image], np.ndarray, list[str]]:
+    """Open and fully decode every image, skipping the ones that cannot be read.
+
+    Returns:
+        ``(images, ok_mask, problems)``: the decoded images in ``mode`` (one per True entry of
+        ``ok_mask``, in order), ``ok_mask`` (bool, shape (N,)) and one ``"<path>: <reason>"``
+        string per skipped image. Skips are logged as one warning with the count; pass
+        ``ok_mask`` to :func:`drop_images` to drop the broken images' captions as well.
+        All images are held in memory.
+
+    Raises:
+        ValueError: ``paths`` is empty.
+        ImageLoadError: not a single image could be loaded (a wrong folder, not bad luck).
+    """
+    if len(paths) == 0:
+        raise ValueError("load_images: no image paths given")
+    images: list[Image.Image] = []
+    ok = np.zeros(len(paths), dtype=bool)
+    problems: list[str] = []
+    for i, p in enumerate(tqdm(paths, desc="load images", unit="img")):
+        path = Path(p)
+        try:
+            images.append(_open_image(path, mode))
+        except FileNotFoundError:
+            problems.append(f"{path}: file not found")
+        except _DECODE_ERRORS as exc:
+            problems.append(f"{path}: cannot decode ({type(exc).__name__}: {exc})")
+        else:
+            ok[i] = True
+    if not ok.any():
+        raise ImageLoadError(problems)
+    if problems:
+        logger.warning(
+            "load_images: skipped %d of %d images that could not be read (first: %s)",
+            len(problems),
+            len(paths),
+            problems[0],
+        )
+    return images, ok, problems
+
+
+def drop_images(ds: ImageTextSet, ok_mask: Any) -> ImageTextSet:
+    """A copy of ``ds`` without the images where ``ok_mask`` (bool, shape (N_img,)) is False and
+    without their captions; ``caption_image`` is renumbered to the kept images."""
+    ok = np.asarray(ok_mask)
+    if ok.dtype != bool or ok.shape != (ds.n_images,):
+        raise ValueError(
+            f"drop_images: ok_mask must be a bool array of shape ({ds.n_images},), "
+            f"got {ok.dtype} {ok.shape}"
+        )
+    if not ok.any():
+        raise ValueError(f"drop_images: ok_mask drops every image of {ds.name!r}")
+    new_index = np.cumsum(ok) - 1  # old image index -> new index (valid where ok)
+    keep_caption = ok[ds.caption_image]
+    return ImageTextSet(
+        ds.name,
+        [p for p, keep in zip(ds.image_paths, ok, strict=True) if keep],
+        [c for c, keep in zip(ds.captions, keep_caption, strict=True) if keep],
+        new_index[ds.caption_image[keep_caption]].astype(np.int64),
+    )
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def _unit_rows(x: Any, what: str) -> np.ndarray:
+    a = np.asarray(x, dtype=np.float32)
+    if a.ndim != 2 or a.shape[0] == 0:
+        raise ValueError(f"{what} must be a non-empty 2-D array (N, D), got shape {a.shape}")
+    if not np.isfinite(a).all():
+        raise ValueError(f"{what} contains NaN or inf; check the encoder output")
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    return np.ascontiguousarray(a)
+
+
+def _check_caption_image(caption_image: Any, n_img: int, n_txt: int) -> np.ndarray:
+    owner = np.asarray(caption_image)
+    if owner.shape != (n_txt,) or not np.issubdtype(owner.dtype, np.integer):
+        raise ValueError(f"caption_image must be ints of shape ({n_txt},), got {owner.dtype} {owner.shape}")
+    if owner.min() < 0 or owner.max() >= n_img:
+        raise ValueError(f"caption_image holds indices outside [0, {n_img})")
+    uncaptioned = np.setdiff1d(np.arange(n_img), owner)
+    if uncaptioned.size:
+        # such an image can never be hit and would silently pull i2t recall down
+        raise ValueError(
+            f"{uncaptioned.size} image(s) have no caption (first: index {uncaptioned[0]}); "
+            "drop them with drop_images() or add captions"
+        )
+    return owner
+
+
+def _top_k(base: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Indices (N_query, k) of the k largest inner products in ``base``, best first (exact)."""
+    index = faiss.IndexFlatIP(base.shape[1])
+    index.add(base)
+    _, idx = index.search(queries, k)
+    return idx
+
+
+def _first_hit(hits: np.ndarray) -> np.ndarray:
+    """0-based rank of the first True per row of ``hits`` (N, k); ``k`` where there is none."""
+    return np.where(hits.any(axis=1), hits.argmax(axis=1), hits.shape[1])
+
+
+def image_text_recall(
+    image_vecs: Any, text_vecs: Any, caption_image: Any, ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, Any]:
+    """Cross-modal retrieval recall x100 (COCO/Flickr convention), by exact cosine search.
+
+    Args:
+        image_vecs: (N_img, D) image embeddings; L2-normalized here.
+        text_vecs: (N_txt, D) caption embeddings; L2-normalized here.
+        caption_image: (N_txt,) int, the image index of each caption; every image needs >= 1.
+        ks: cut-offs; a k above the number of candidates counts every candidate.
+
+    Returns:
+        ``{"i2t_R@k": ..., "t2i_R@k": ..., "images": N_img, "captions": N_txt}``. t2i R@k: share
+        of captions whose own image is among the k images nearest to it. i2t R@k: share of
+        images with ANY of their captions among the k captions nearest to them.
+    """
+    img = _unit_rows(image_vecs, "image_vecs")
+    txt = _unit_rows(text_vecs, "text_vecs")
+    owner = _check_caption_image(caption_image, img.shape[0], txt.shape[0])
+    if img.shape[1] != txt.shape[1]:
+        raise ValueError(f"image_vecs have D={img.shape[1]} but text_vecs have D={txt.shape[1]}")
+    if not ks or any(int(k) < 1 for k in ks):
+        raise ValueError(f"ks must be positive cut-offs, got {tuple(ks)}")
+
+    k_max = max(int(k) for k in ks)
+    t2i_rank = _first_hit(_top_k(img, txt, min(k_max, img.shape[0])) == owner[:, None])
+    i2t_idx = _top_k(txt, img, min(k_max, txt.shape[0]))
+    i2t_rank = _first_hit(owner[i2t_idx] == np.arange(img.shape[0])[:, None])
+
+    result: dict[str, Any] = {}
+    for direction, rank in (("i2t", i2t_rank), ("t2i", t2i_rank)):
+        for k in ks:
+            result[f"{direction}_R@{k}"] = float((rank < int(k)).mean() * 100.0)
+    result["images"], result["captions"] = img.shape[0], txt.shape[0]
+    logger.info(
+        "image-text recall on %d images / %d captions: %s",
+        img.shape[0],
+        txt.shape[0],
+        ", ".join(f"{k} {v:.2f}" for k, v in result.items() if "@" in k),
+    )
+    return result
