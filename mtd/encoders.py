@@ -136,7 +136,9 @@ class PrefixEncoder:
         return f"{self.inner.fingerprint}@{self.dim}"
 
     def encode(self, texts: list[str], role: str = "document", batch_size: int = 64) -> np.ndarray:
-        vecs = self.inner.encode(texts, role, batch_size)
+        return self.truncate(self.inner.encode(texts, role, batch_size))
+
+    def truncate(self, vecs: np.ndarray) -> np.ndarray:
         if self.dim > vecs.shape[1]:
             raise ModelSpecError(f"{self.name}: prefix {self.dim} > the model's {vecs.shape[1]} dims.")
         return _normalize(vecs[:, : self.dim])
@@ -218,9 +220,18 @@ def student_heads(models: dict[str, Encoder]) -> dict[str, Encoder]:
 
 def cached_encode(model: Encoder, texts: list[str], role: str, cache_dir: str | Path | None,
                   batch_size: int = 64) -> np.ndarray:
-    """model.encode, memoized on disk by (model fingerprint, role, texts)."""
+    """model.encode, memoized on disk by (model fingerprint, role, texts).
+
+    Combinations and prefixes are built from their parts' cached vectors, so `a+b` after `a` and
+    `b` encodes nothing.
+    """
     if cache_dir is None:
         return model.encode(texts, role, batch_size)
+    if isinstance(model, ConcatEncoder):
+        parts = [cached_encode(p, texts, role, cache_dir, batch_size) for p in model.parts]
+        return _normalize(np.concatenate(parts, axis=1))
+    if isinstance(model, PrefixEncoder):
+        return model.truncate(cached_encode(model.inner, texts, role, cache_dir, batch_size))
     key = hashlib.sha256(f"{model.fingerprint}|{role}|{hash_texts(texts)}".encode()).hexdigest()[:24]
     path = Path(cache_dir) / "vectors" / f"{key}.npy"
     if path.is_file():

@@ -76,11 +76,12 @@ def _row(model: str, task: str, dataset: str, metrics: dict[str, Any], **setting
     return {"model": model, "task": task, "dataset": dataset, **metrics, **settings}
 
 
-def run_sts(label: str, model: Encoder, paths: Sequence[Path], batch_size: int) -> list[dict]:
+def run_sts(label: str, model: Encoder, paths: Sequence[Path], batch_size: int,
+            cache_dir: Path | None) -> list[dict]:
     rows = []
     for path in paths:
         data = sts.load_sts(path)
-        encode = partial(model.encode, role="document", batch_size=batch_size)
+        encode = partial(cached_encode, model, role="document", cache_dir=cache_dir, batch_size=batch_size)
         rows.append(_row(label, "sts", data.name, sts.evaluate_sts(encode, data, batch_size=None),
                          file=str(path)))
     return rows
@@ -95,7 +96,7 @@ def run_retrieval(label: str, model: Encoder, paths: Sequence[Path], *, split: s
         data = retrieval.load_beir(path, split)
         t0 = time.perf_counter()
         metrics = retrieval.evaluate_retrieval(
-            partial(cached_encode, model, role="query", cache_dir=None, batch_size=batch_size),
+            partial(cached_encode, model, role="query", cache_dir=cache_dir, batch_size=batch_size),
             partial(cached_encode, model, role="document", cache_dir=cache_dir, batch_size=batch_size),
             data, index=index)
         rows.append(_row(label, "retrieval", data.name, metrics, folder=str(path),
@@ -180,7 +181,7 @@ def evaluate_all(models: dict[str, Encoder], *, data: Path, tasks: Sequence[str]
     rows: list[dict] = []
     for label, model in models.items():
         if "sts" in tasks:
-            rows += run_sts(label, model, found.sts, batch_size)
+            rows += run_sts(label, model, found.sts, batch_size, cache_dir)
         if "retrieval" in tasks:
             rows += run_retrieval(label, model, found.retrieval, split=split, batch_size=batch_size,
                                   index=index, cache_dir=cache_dir)

@@ -122,3 +122,19 @@ def test_corrupt_cached_vectors_are_encoded_again(tmp_path):
                                   model.encode(["a", "b"]))
     assert model.calls == 3  # first fill, the re-encode, and the reference call above
     assert np.load(path).shape == (2, 4)  # and the file was rewritten
+
+
+def test_combination_is_built_from_cached_parts(tmp_path):
+    a, b = _Counting(), _Counting()
+    b.fingerprint = "fp-b"
+    combo = ConcatEncoder("a+b", [a, b])
+    direct = combo.encode(["x", "y"])
+    assert (a.calls, b.calls) == (1, 1)
+    cached_encode(a, ["x", "y"], "document", tmp_path)
+    cached_encode(b, ["x", "y"], "document", tmp_path)
+    np.testing.assert_allclose(cached_encode(combo, ["x", "y"], "document", tmp_path), direct, atol=1e-6)
+    assert (a.calls, b.calls) == (2, 2)  # the combination encoded nothing itself
+    prefix = PrefixEncoder("a@2", a, 2)
+    np.testing.assert_allclose(cached_encode(prefix, ["x", "y"], "document", tmp_path),
+                               prefix.encode(["x", "y"]), atol=1e-6)
+    assert a.calls == 3  # only the reference call above
