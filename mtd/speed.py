@@ -3,7 +3,7 @@
 * :func:`measure_speed`: throughput (sentences/s at a batch size, after warm-up) and batch-1
   latency (p50/p90 ms) of any ``encode(texts, batch_size) -> (N, D) array`` callable.
 * :func:`peak_memory_mb`: runs a function in a fresh ``spawn`` child process and reports the
-  memory it added. On CPU this is the only honest way: the peak RSS (``ru_maxrss``) of a process
+  memory it added. On CPU this is the only honest way: the peak RSS (VmHWM, ``ru_maxrss``) of a process
   cannot be reset, so in a long-lived process it would still hold whatever ran before.
 * :func:`speed_report`: both at once, in one child that loads the model, so the memory figure
   covers the weights plus the activations of encoding.
@@ -192,6 +192,16 @@ def _rss_mb() -> float:
 
 
 def _maxrss_mb() -> float:
+    """Peak RSS of this process's own address space.
+
+    Linux: VmHWM from /proc, not ru_maxrss, which survives execve: a spawned child would report
+    the parent's RSS at fork time if that was higher than anything the child reached itself.
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / MIB  # kB
     # ru_maxrss is in KiB on Linux but in bytes on macOS
     scale = 1 if sys.platform == "darwin" else 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / MIB
@@ -265,7 +275,7 @@ def _run_in_child(fn: Callable[[], T], what: str, preload: Sequence[str]) -> tup
 def peak_memory_mb(fn: Callable[[], T], *, preload: Sequence[str] = ()) -> tuple[T, float]:
     """Run ``fn()`` in a fresh ``spawn`` child process; return its result and the memory it added.
 
-    CPU: the child's peak RSS (``ru_maxrss``) minus its RSS just before ``fn`` ran, in MiB. The
+    CPU: the child's peak RSS (VmHWM) minus its RSS just before ``fn`` ran, in MiB. The
     baseline is taken after Python, torch, ``fn``'s own module and the ``preload`` modules are
     imported, so libraries named there (e.g. ``"sentence_transformers"``, about 200 MB) or imported
     at the top of ``fn``'s module stay out of the figure; ones ``fn`` imports itself count.

@@ -131,3 +131,12 @@ def test_speed_report_tiny_model(tiny_assets: Path) -> None:
     assert r["memory"] == "cpu_rss"
     assert 0 < r["peak_memory_mb"] < r["peak_rss_mb"]
     assert r["rss_baseline_mb"] > 0
+
+
+def test_peak_memory_ignores_a_big_parent():
+    """ru_maxrss survives execve on Linux: a 400 MB parent must not show up in the child."""
+    ballast = np.ones(400 * 2**20 // 8)  # 400 MiB resident in this (parent) process
+    ballast += 1
+    _, mb = peak_memory_mb(partial(_allocate, 20))
+    assert mb < 150, f"child peak {mb:.0f} MB includes the parent's memory"
+    del ballast
