@@ -1,7 +1,8 @@
 """Score embedding models: STS, FAISS retrieval, image-text retrieval, speed.
 
     python eval.py MODEL [MODEL ...] [--tasks sts,retrieval,image-text,speed] [--data DIR]
-                   [--reference LABEL] [--dims heads|64,128] [--index flat|hnsw|ivfpq] [--out FILE]
+                   [--hub TASK:NAME ...] [--reference LABEL] [--dims heads|64,128]
+                   [--index flat|hnsw|ivfpq] [--out FILE]
 
 MODEL: a sentence-transformers folder, an mtd run (runs/NAME, its final/ export), RUN:HEAD,
 LABEL=MODEL (names it; later MODELs may use the label), A+B (each normalized, concatenated,
@@ -12,6 +13,11 @@ normalized again: the multi-teacher target) or MODEL@DIM (a Matryoshka prefix). 
 
 Data (--data, default ../shared/data) is found by layout: STS files (sentence1, sentence2, score),
 BEIR folders (corpus.jsonl, queries.jsonl, qrels/), image-caption files (image, captions).
+--hub TASK:NAME (repeatable; TASK sts or retrieval) adds a Hugging Face hub data set in MTEB's
+layout (STS: columns sentence1, sentence2, score; retrieval: configs corpus, queries and default =
+qrels), e.g. --hub sts:mteb/stsbenchmark-sts --hub retrieval:mteb/scifact; NAME may also be a
+local folder laid out like a hub repo. Needs `pip install datasets`. With only --hub, a missing
+default data folder is not an error.
 Prints a Markdown table (main metric per data set, retention vs --reference) and writes every
 number with the settings that produced it to --out (JSON).
 """
@@ -35,7 +41,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("models", nargs="+", metavar="MODEL")
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma list of {', '.join(TASKS)}")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="data root (default: %(default)s)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help=f"data root (default: {DEFAULT_DATA}; skipped with --hub if missing)")
+    parser.add_argument("--hub", action="append", default=[], type=_hub_spec, metavar="TASK:NAME",
+                        help="hub data set to score too, e.g. sts:mteb/stsbenchmark-sts or "
+                             "retrieval:mteb/scifact (repeatable)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--reference", default=None, help="label of the model retention is measured against")
     parser.add_argument("--dims", default=None,
@@ -51,13 +61,30 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [t for t in args.tasks if t not in TASKS]
     if unknown:
         parser.error(f"unknown task(s) {unknown}; choose from {list(TASKS)}")
+    off = [f"{task}:{name}" for task, name in args.hub if task not in args.tasks]
+    if off:
+        parser.error(f"--hub {' '.join(off)}: its task is not in --tasks {','.join(args.tasks)}")
+    if args.data is None and (DEFAULT_DATA.exists() or not args.hub):
+        args.data = DEFAULT_DATA  # a missing default is only an error when there is nothing else
     return args
+
+
+def _hub_spec(text: str) -> tuple[str, str]:
+    """'TASK:NAME' -> (task, name), TASK one of mtd.evaluate.HUB_TASKS."""
+    from mtd.evaluate import HUB_TASKS
+
+    task, sep, name = text.partition(":")
+    if not sep or task not in HUB_TASKS or not name.strip():
+        raise argparse.ArgumentTypeError(
+            f"expected TASK:NAME with TASK one of {', '.join(HUB_TASKS)}, e.g. retrieval:mteb/scifact; "
+            f"got {text!r}")
+    return task, name.strip()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from mtd.encoders import ModelSpecError, parse_models, student_heads, with_prefixes
+    from mtd.encoders import ModelSpecError, PrefixEncoder, parse_models, student_heads, with_prefixes
     from mtd.evaluate import evaluate_all, retention_table
     from mtd.io import atomic_write_json
 
@@ -71,17 +98,20 @@ def main(argv: list[str] | None = None) -> int:
                 models = with_prefixes(models, [int(part)])
     except (ModelSpecError, ValueError) as e:
         sys.exit(f"eval.py: {e}")
+    # A prefix costs what its model costs: time each real model once.
+    timed = [label for label, m in base.items() if not isinstance(m, PrefixEncoder)]
     if args.reference is not None and args.reference not in models:
         sys.exit(f"eval.py: --reference {args.reference!r} is not one of {list(models)}")
     try:
         rows = evaluate_all(models, data=args.data, tasks=args.tasks, split=args.split,
                             batch_size=args.batch_size, index=args.index, cache_dir=args.cache_dir,
-                            speed=(tuple(args.models), list(base), args.speed_texts))
-    except (FileNotFoundError, ValueError) as e:  # bad data: the message names file and problem
-        sys.exit(f"eval.py: {e}")
+                            speed=(tuple(args.models), timed, args.speed_texts), hub=args.hub)
+    except (FileNotFoundError, ValueError, ImportError) as e:  # bad data (the message names file and
+        sys.exit(f"eval.py: {e}")  # problem) or --hub without datasets (the message says what to install)
     print(retention_table(rows, args.reference))
     if args.out is not None:
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        settings["hub"] = [f"{task}:{name}" for task, name in args.hub]
         fingerprints = {label: m.fingerprint for label, m in models.items()}
         atomic_write_json(args.out, {"settings": settings, "models": fingerprints, "results": rows})
         logger.info("Wrote %d results to %s", len(rows), args.out)

@@ -4,6 +4,8 @@ Data is recognized by layout, so any folder in these conventions works:
     BEIR retrieval   a folder holding corpus.jsonl, queries.jsonl and qrels/<split>.tsv
     STS              <split>.jsonl|csv|tsv with sentence1, sentence2, score
     image-text       <split>.jsonl with image and captions
+Hub data sets in MTEB's STS and retrieval layouts are named explicitly, as (task, name) pairs
+(see mtd.hub); they are loaded once and scored next to the folders.
 Each result is a row {model, task, dataset, metric, value, ...settings}; `main_metric` picks the
 number shown per dataset in the table (Spearman for STS, nDCG@10 for retrieval, as MTEB).
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -29,10 +31,21 @@ MAIN_METRIC = {"sts": "spearman", "retrieval": "ndcg@10", "image-text": "t2i_R@1
                "speed": "sentences_per_s"}
 
 
+HUB_TASKS = ("sts", "retrieval")
+
+
+@dataclass(frozen=True)
+class LoadedSet:
+    """A data set loaded once for every model, and the setting its rows record (e.g. hub=NAME)."""
+
+    data: Any  # sts.StsSet or retrieval.BeirSet
+    source: dict[str, str]
+
+
 @dataclass
 class Datasets:
-    sts: list[Path] = field(default_factory=list)
-    retrieval: list[Path] = field(default_factory=list)
+    sts: list[Path | LoadedSet] = field(default_factory=list)
+    retrieval: list[Path | LoadedSet] = field(default_factory=list)
     image_text: list[Path] = field(default_factory=list)
 
 
@@ -72,34 +85,59 @@ def discover(root: str | Path, split: str = "test") -> Datasets:
     return found
 
 
+def load_hub(hub: Sequence[tuple[str, str]], split: str) -> Datasets:
+    """Each (task, name) of `hub` loaded once (task "sts" or "retrieval"); rows record hub=name."""
+    from mtd import hub as hub_sets
+
+    found = Datasets()
+    for task, name in hub:
+        if task == "sts":
+            found.sts.append(LoadedSet(hub_sets.load_hub_sts(name, split), {"hub": name}))
+        elif task == "retrieval":
+            found.retrieval.append(LoadedSet(hub_sets.load_hub_beir(name, split), {"hub": name}))
+        else:
+            raise ValueError(f"unknown hub task {task!r} for {name!r}; use one of {HUB_TASKS}")
+    return found
+
+
 def _row(model: str, task: str, dataset: str, metrics: dict[str, Any], **settings) -> dict:
     return {"model": model, "task": task, "dataset": dataset, **metrics, **settings}
 
 
-def run_sts(label: str, model: Encoder, paths: Sequence[Path], batch_size: int,
+def _each(sets: Sequence[Path | LoadedSet], load: Callable[[Path], Any],
+          key: str) -> Iterator[tuple[Any, dict[str, str]]]:
+    """(data, settings) per set: a LoadedSet as it is, a path read with `load` and recorded as key=path."""
+    for item in sets:
+        if isinstance(item, LoadedSet):
+            yield item.data, item.source
+        else:
+            yield load(item), {key: str(item)}
+
+
+def run_sts(label: str, model: Encoder, sets: Sequence[Path | LoadedSet], batch_size: int,
             cache_dir: Path | None) -> list[dict]:
+    """`sets`: STS files (read here, rows record file=PATH) or loaded sets (e.g. from the hub)."""
     rows = []
-    for path in paths:
-        data = sts.load_sts(path)
+    for data, source in _each(sets, sts.load_sts, "file"):
         encode = partial(cached_encode, model, role="document", cache_dir=cache_dir, batch_size=batch_size)
         rows.append(_row(label, "sts", data.name, sts.evaluate_sts(encode, data, batch_size=None),
-                         file=str(path)))
+                         **source))
     return rows
 
 
-def run_retrieval(label: str, model: Encoder, paths: Sequence[Path], *, split: str, batch_size: int,
-                  index: str, cache_dir: Path | None) -> list[dict]:
+def run_retrieval(label: str, model: Encoder, sets: Sequence[Path | LoadedSet], *, split: str,
+                  batch_size: int, index: str, cache_dir: Path | None) -> list[dict]:
+    """`sets`: BEIR folders (read here, rows record folder=PATH) or loaded sets (e.g. from the hub)."""
     from mtd import retrieval
 
     rows = []
-    for path in paths:
-        data = retrieval.load_beir(path, split)
+    for data, source in _each(sets, partial(retrieval.load_beir, split=split), "folder"):
         t0 = time.perf_counter()
         metrics = retrieval.evaluate_retrieval(
             partial(cached_encode, model, role="query", cache_dir=cache_dir, batch_size=batch_size),
             partial(cached_encode, model, role="document", cache_dir=cache_dir, batch_size=batch_size),
             data, index=index)
-        rows.append(_row(label, "retrieval", data.name, metrics, folder=str(path),
+        rows.append(_row(label, "retrieval", data.name, metrics, **source,
                          seconds=time.perf_counter() - t0))
     return rows
 
@@ -171,13 +209,25 @@ def run_speed(specs: tuple[str, ...], labels: list[str], n_texts: int, batch_siz
     return rows
 
 
-def evaluate_all(models: dict[str, Encoder], *, data: Path, tasks: Sequence[str], split: str,
+def evaluate_all(models: dict[str, Encoder], *, data: Path | None, tasks: Sequence[str], split: str,
                  batch_size: int, index: str, cache_dir: Path | None,
-                 speed: tuple[tuple[str, ...], list[str], int] | None) -> list[dict]:
-    """Every task for every model; `speed` = (model specs, labels to time, number of texts)."""
-    found = discover(data, split) if set(tasks) - {"speed"} else Datasets()
-    logger.info("Data: %d STS, %d retrieval, %d image-text sets under %s", len(found.sts),
-                len(found.retrieval), len(found.image_text), data)
+                 speed: tuple[tuple[str, ...], list[str], int] | None,
+                 hub: Sequence[tuple[str, str]] = ()) -> list[dict]:
+    """Every task for every model; `speed` = (model specs, labels to time, number of texts).
+
+    `data`: the folder searched by layout (None: none); `hub`: (task, name) pairs of hub data sets
+    (task "sts" or "retrieval"), each loaded once and scored after the folder's sets of its task.
+    """
+    found = discover(data, split) if data is not None and set(tasks) - {"speed"} else Datasets()
+    skipped = [f"{t}:{n}" for t, n in hub if t not in tasks]
+    if skipped:
+        logger.warning("Skipping hub set(s) %s: their task is not in %s", skipped, list(tasks))
+    from_hub = load_hub([(t, n) for t, n in hub if t in tasks], split)
+    found.sts += from_hub.sts
+    found.retrieval += from_hub.retrieval
+    logger.info("Data: %d STS, %d retrieval, %d image-text sets (%d from the hub, the rest under %s)",
+                len(found.sts), len(found.retrieval), len(found.image_text),
+                len(from_hub.sts) + len(from_hub.retrieval), data)
     rows: list[dict] = []
     for label, model in models.items():
         if "sts" in tasks:

@@ -4,7 +4,8 @@ Loads a BEIR folder (``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``)
 and documents with any ``encode(list[str]) -> np.ndarray`` callables, searches a FAISS index
 (exact, HNSW or IVF-PQ) on L2-normalized vectors by inner product (= cosine similarity) and
 scores the top-k run with pytrec_eval: nDCG@10, MRR@10, Recall@1/10/100 and MAP@100, all x100 and
-averaged over the judged queries.
+averaged over the judged queries. :func:`beir_from_records` holds the loading rules, so a hub data
+set in MTEB's layout (:mod:`mtd.hub`) is validated exactly like a folder.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,9 @@ __all__ = [
     "INDEX_KINDS",
     "METRICS",
     "BeirSet",
+    "BeirSources",
     "RetrievalFormatError",
+    "beir_from_records",
     "build_index",
     "default_nlist",
     "default_pq_m",
@@ -60,13 +63,25 @@ Encoder = Callable[[list[str]], np.ndarray]
 
 
 class RetrievalFormatError(ValueError):
-    """A BEIR file cannot be used; the message names the file and, where known, the line."""
+    """A BEIR file cannot be used; the message names the file and, where known, the line.
 
-    def __init__(self, path: str | os.PathLike[str], problem: str, line: int | None = None):
+    For a hub data set (:mod:`mtd.hub`) ``path`` names the data set and its part (e.g.
+    ``mteb/scifact/corpus``) and ``unit`` is ``"row"``: the position in that split, from 1.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        problem: str,
+        line: int | None = None,
+        *,
+        unit: str = "line",
+    ):
         self.path = Path(path)
         self.line = line
         self.problem = problem
-        where = f"{self.path}, line {line}" if line is not None else str(self.path)
+        self.unit = unit
+        where = f"{self.path}, {unit} {line}" if line is not None else str(self.path)
         super().__init__(f"{where}: {problem}")
 
 
@@ -124,24 +139,39 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
                 yield line_no, text
 
 
-def _record_id(path: Path, record: Mapping[str, Any], line: int) -> str:
+Record = tuple[int, Mapping[str, Any]]  # (line or row number from 1, record)
+
+
+@dataclass(frozen=True)
+class BeirSources:
+    """What errors about a BEIR set's records name: one source per part, and what rows are called.
+
+    Files: the three paths and ``unit="line"``. Hub splits: ``<name>/corpus``, ``<name>/queries``,
+    ``<name>/qrels/<split>`` and ``unit="row"``. Messages about unknown qrels ids refer to the
+    queries and corpus by the last component of their source (``queries.jsonl``, ``queries``).
+    """
+
+    corpus: str | os.PathLike[str]
+    queries: str | os.PathLike[str]
+    qrels: str | os.PathLike[str]
+    unit: str = "line"
+
+
+def _record_id(path: Path, record: Mapping[str, Any], line: int, unit: str) -> str:
     value = record["_id"]
     # Some BEIR exports write numeric ids; qrels always hold them as text, so compare as text.
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise RetrievalFormatError(
-            path, f"'_id' must be a string, got {type(value).__name__}", line
+            path, f"'_id' must be a string, got {type(value).__name__}", line, unit=unit
         )
     value = str(value)
     if not value.strip():
-        raise RetrievalFormatError(path, "'_id' is empty", line)
+        raise RetrievalFormatError(path, "'_id' is empty", line, unit=unit)
     return value
 
 
-def _read_jsonl(path: Path, kind: str) -> tuple[list[str], list[str]]:
-    """(ids, texts) of a BEIR corpus.jsonl (kind="corpus") or queries.jsonl (kind="queries")."""
-    ids: list[str] = []
-    texts: list[str] = []
-    first_line: dict[str, int] = {}
+def _jsonl_records(path: Path) -> Iterator[Record]:
+    """(line number, object) for each line of a BEIR corpus.jsonl or queries.jsonl."""
     for line_no, raw in tqdm(_lines(path), desc=f"read {path.name}", unit=" lines", leave=False):
         try:
             record = json.loads(raw)
@@ -151,40 +181,56 @@ def _read_jsonl(path: Path, kind: str) -> tuple[list[str], list[str]]:
             raise RetrievalFormatError(
                 path, f"expected a JSON object, got {type(record).__name__}", line_no
             )
+        yield line_no, record
+
+
+def _ids_and_texts(
+    path: str | os.PathLike[str], records: Iterable[Record], kind: str, unit: str
+) -> tuple[list[str], list[str]]:
+    """(ids, texts) of corpus (kind="corpus") or queries (kind="queries") records."""
+    path = Path(path)
+    ids: list[str] = []
+    texts: list[str] = []
+    first_line: dict[str, int] = {}
+    for line_no, record in records:
         missing = [key for key in ("_id", "text") if key not in record]
         if missing:
             raise RetrievalFormatError(
-                path, f"missing key(s) {', '.join(map(repr, missing))}", line_no
+                path, f"missing key(s) {', '.join(map(repr, missing))}", line_no, unit=unit
             )
-        doc_id = _record_id(path, record, line_no)
+        doc_id = _record_id(path, record, line_no, unit)
         if doc_id in first_line:
             raise RetrievalFormatError(
-                path, f"duplicate _id {doc_id!r} (first on line {first_line[doc_id]})", line_no
+                path,
+                f"duplicate _id {doc_id!r} (first on {unit} {first_line[doc_id]})",
+                line_no,
+                unit=unit,
             )
         first_line[doc_id] = line_no
         ids.append(doc_id)
-        texts.append(_record_text(path, record, kind, line_no))
+        texts.append(_record_text(path, record, kind, line_no, unit))
     return ids, texts
 
 
-def _record_text(path: Path, record: Mapping[str, Any], kind: str, line: int) -> str:
+def _record_text(path: Path, record: Mapping[str, Any], kind: str, line: int, unit: str) -> str:
     text = record["text"]
     if not isinstance(text, str):
-        raise RetrievalFormatError(path, f"'text' must be a string, got {type(text).__name__}", line)
+        raise RetrievalFormatError(
+            path, f"'text' must be a string, got {type(text).__name__}", line, unit=unit
+        )
     title = record.get("title") if kind == "corpus" else None
     if title is None or title == "":
         return text.strip()
     if not isinstance(title, str):
         raise RetrievalFormatError(
-            path, f"'title' must be a string, got {type(title).__name__}", line
+            path, f"'title' must be a string, got {type(title).__name__}", line, unit=unit
         )
     # BEIR/MTEB join with a single space and strip, so an empty text leaves just the title.
     return f"{title} {text}".strip()
 
 
-def _read_qrels(path: Path) -> dict[str, dict[str, tuple[int, int]]]:
-    """qrels[query_id][corpus_id] = (score, line number), from a BEIR qrels tsv."""
-    qrels: dict[str, dict[str, tuple[int, int]]] = {}
+def _qrels_records(path: Path) -> Iterator[Record]:
+    """(line number, {query-id, corpus-id, score} as text) for each judgment of a BEIR qrels tsv."""
     lines = _lines(path)
     header = next(lines, None)
     if header is None:
@@ -202,13 +248,47 @@ def _read_qrels(path: Path) -> dict[str, dict[str, tuple[int, int]]]:
             raise RetrievalFormatError(
                 path, f"expected 3 tab-separated fields, got {len(fields)}", line_no
             )
-        query_id, corpus_id, score_text = (f.strip() for f in fields)
+        yield line_no, dict(zip(QRELS_HEADER, (f.strip() for f in fields), strict=True))
+
+
+def _qrels_id(path: Path, record: Mapping[str, Any], key: str, line: int, unit: str) -> str:
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise RetrievalFormatError(
+            path, f"{key!r} must be a string, got {type(value).__name__}", line, unit=unit
+        )
+    return str(value).strip()
+
+
+def _qrels_score(path: Path, value: Any, line: int, unit: str) -> int:
+    """An integer grade: an int, the text of one, or (typed hub columns) an integral float."""
+    if isinstance(value, str):
         try:
-            score = int(score_text)
+            return int(value)
         except ValueError:
+            pass
+    elif isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise RetrievalFormatError(path, f"score must be an integer, got {value!r}", line, unit=unit)
+
+
+def _collect_qrels(
+    path: str | os.PathLike[str], records: Iterable[Record], unit: str
+) -> dict[str, dict[str, tuple[int, int]]]:
+    """qrels[query_id][corpus_id] = (score, line number), from {query-id, corpus-id, score} records."""
+    path = Path(path)
+    qrels: dict[str, dict[str, tuple[int, int]]] = {}
+    for line_no, record in records:
+        missing = [key for key in QRELS_HEADER if key not in record]
+        if missing:
             raise RetrievalFormatError(
-                path, f"score must be an integer, got {score_text!r}", line_no
-            ) from None
+                path, f"missing key(s) {', '.join(map(repr, missing))}", line_no, unit=unit
+            )
+        query_id = _qrels_id(path, record, "query-id", line_no, unit)
+        corpus_id = _qrels_id(path, record, "corpus-id", line_no, unit)
+        score = _qrels_score(path, record["score"], line_no, unit)
         seen = qrels.setdefault(query_id, {}).get(corpus_id)
         if seen is None:
             qrels[query_id][corpus_id] = (score, line_no)
@@ -216,23 +296,24 @@ def _read_qrels(path: Path) -> dict[str, dict[str, tuple[int, int]]]:
             # An identical repeat is harmless; two different grades for one pair are ambiguous.
             raise RetrievalFormatError(
                 path,
-                f"({query_id!r}, {corpus_id!r}) judged {score} here and {seen[0]} on line {seen[1]}",
+                f"({query_id!r}, {corpus_id!r}) judged {score} here and {seen[0]} on {unit} {seen[1]}",
                 line_no,
+                unit=unit,
             )
     return qrels
 
 
 def _check_qrels_ids(
-    path: Path,
+    where: BeirSources,
     qrels: Mapping[str, Mapping[str, tuple[int, int]]],
     query_ids: set[str],
     corpus_ids: set[str],
 ) -> None:
-    """Raise naming the first few qrels ids absent from queries.jsonl / corpus.jsonl."""
+    """Raise naming the first few qrels ids absent from the queries / corpus."""
     pairs = [(q, d, line) for q, docs in qrels.items() for d, (_, line) in docs.items()]
-    for kind, column, known, file in (
-        ("query", 0, query_ids, "queries.jsonl"),
-        ("corpus", 1, corpus_ids, "corpus.jsonl"),
+    for kind, column, known, source in (
+        ("query", 0, query_ids, where.queries),
+        ("corpus", 1, corpus_ids, where.corpus),
     ):
         unknown = [p for p in pairs if p[column] not in known]
         if not unknown:
@@ -240,11 +321,13 @@ def _check_qrels_ids(
         distinct = list(dict.fromkeys(p[column] for p in unknown))
         shown = ", ".join(repr(i) for i in distinct[:5])
         more = f" and {len(distinct) - 5} more" if len(distinct) > 5 else ""
+        file = Path(source).name
         raise RetrievalFormatError(
-            path,
+            where.qrels,
             f"{len(distinct)} {kind} id(s) not in {file}: {shown}{more} "
             f"(fix the qrels, or use the {file} they were made for)",
             min(p[2] for p in unknown),
+            unit=where.unit,
         )
 
 
@@ -276,25 +359,50 @@ def load_beir(folder: str | os.PathLike[str], split: str = "test") -> BeirSet:
     """
     folder = Path(folder)
     corpus_path, queries_path, qrels_path = _require_layout(folder, split)
-    corpus_ids, corpus_texts = _read_jsonl(corpus_path, "corpus")
+    return beir_from_records(
+        f"{folder.name}/{split}",
+        _jsonl_records(corpus_path),
+        _jsonl_records(queries_path),
+        _qrels_records(qrels_path),
+        where=BeirSources(corpus_path, queries_path, qrels_path),
+    )
+
+
+def beir_from_records(
+    name: str,
+    corpus: Iterable[Record],
+    queries: Iterable[Record],
+    qrels: Iterable[Record],
+    *,
+    where: BeirSources,
+) -> BeirSet:
+    """A validated :class:`BeirSet` from ``(line or row number, record)`` pairs.
+
+    ``corpus`` and ``queries`` records hold ``_id`` (string or integer) and ``text``, corpus ones
+    optionally ``title``; ``qrels`` records hold ``query-id``, ``corpus-id`` and an integer
+    ``score``. They are read in that order, once (iterators are fine). The rules of
+    :func:`load_beir` apply whatever the source: titles joined, ids unique, qrels ids known, only
+    queries with a positive judgment kept. Errors name ``where``'s source and the line/row.
+    """
+    unit = where.unit
+    corpus_ids, corpus_texts = _ids_and_texts(where.corpus, corpus, "corpus", unit)
     if not corpus_ids:
-        raise RetrievalFormatError(corpus_path, "empty corpus (no documents)")
-    all_query_ids, all_query_texts = _read_jsonl(queries_path, "queries")
-    judged = _read_qrels(qrels_path)
-    _check_qrels_ids(qrels_path, judged, set(all_query_ids), set(corpus_ids))
+        raise RetrievalFormatError(where.corpus, "empty corpus (no documents)")
+    all_query_ids, all_query_texts = _ids_and_texts(where.queries, queries, "queries", unit)
+    judged = _collect_qrels(where.qrels, qrels, unit)
+    _check_qrels_ids(where, judged, set(all_query_ids), set(corpus_ids))
 
     # pytrec_eval would score a query with no positive as 0 and drag the mean down; BEIR drops them.
     positive = {q for q, docs in judged.items() if any(s > 0 for s, _ in docs.values())}
     keep = [i for i, q in enumerate(all_query_ids) if q in positive]
     if not keep:
         raise RetrievalFormatError(
-            qrels_path,
+            where.qrels,
             f"no query has a positive (score > 0) judgment, so there is nothing to evaluate "
             f"({len(judged)} judged queries); check the split and the score column",
         )
     query_ids = [all_query_ids[i] for i in keep]
-    qrels = {q: {d: s for d, (s, _) in judged[q].items()} for q in query_ids}
-    name = f"{folder.name}/{split}"
+    qrels_kept = {q: {d: s for d, (s, _) in judged[q].items()} for q in query_ids}
     logger.info(
         "loaded %s: %d documents, %d of %d queries evaluated (the rest have no positive judgment)",
         name,
@@ -304,9 +412,9 @@ def load_beir(folder: str | os.PathLike[str], split: str = "test") -> BeirSet:
     )
     empty = sum(1 for t in corpus_texts if not t)
     if empty:
-        logger.warning("%s: %d documents have empty text and title", corpus_path, empty)
+        logger.warning("%s: %d documents have empty text and title", where.corpus, empty)
     return BeirSet(
-        name, corpus_ids, corpus_texts, query_ids, [all_query_texts[i] for i in keep], qrels
+        name, corpus_ids, corpus_texts, query_ids, [all_query_texts[i] for i in keep], qrels_kept
     )
 
 

@@ -46,13 +46,24 @@ Encoder = Callable[[list[str]], np.ndarray]
 
 
 class StsFormatError(ValueError):
-    """An STS file cannot be read; the message names the file and, where known, the line."""
+    """An STS file cannot be read; the message names the file and, where known, the line.
 
-    def __init__(self, path: str | os.PathLike[str], problem: str, line: int | None = None):
+    For a hub data set (:mod:`mtd.hub`) ``path`` is ``<name>/<split>`` and ``unit`` is ``"row"``.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        problem: str,
+        line: int | None = None,
+        *,
+        unit: str = "line",
+    ):
         self.path = Path(path)
         self.line = line
         self.problem = problem
-        where = f"{self.path}, line {line}" if line is not None else str(self.path)
+        self.unit = unit
+        where = f"{self.path}, {unit} {line}" if line is not None else str(self.path)
         super().__init__(f"{where}: {problem}")
 
 
