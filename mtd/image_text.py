@@ -15,7 +15,6 @@ Typical use (the image encoder is supplied by the caller)::
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import struct
@@ -28,6 +27,8 @@ import faiss
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
+
+from mtd.io import DataFormatError, jsonl_objects
 
 logger = logging.getLogger(__name__)
 
@@ -47,15 +48,8 @@ __all__ = [
 _DECODE_ERRORS = (OSError, SyntaxError, EOFError, ValueError, struct.error, Image.DecompressionBombError)
 
 
-class ImageTextFormatError(ValueError):
+class ImageTextFormatError(DataFormatError):
     """An image-text file cannot be read; the message names the file and, where known, the line."""
-
-    def __init__(self, path: str | os.PathLike[str], problem: str, line: int | None = None):
-        self.path = Path(path)
-        self.line = line
-        self.problem = problem
-        where = f"{self.path}, line {line}" if line is not None else str(self.path)
-        super().__init__(f"{where}: {problem}")
 
 
 class ImageLoadError(RuntimeError):
@@ -106,23 +100,8 @@ class ImageTextSet:
 
 
 def _records(path: Path, text: str) -> Iterable[tuple[int, dict[str, Any]]]:
-    for line_no, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise ImageTextFormatError(path, f"invalid JSON: {exc.msg}", line_no) from None
-        if not isinstance(record, dict):
-            raise ImageTextFormatError(
-                path, f"expected a JSON object, got {type(record).__name__}", line_no
-            )
-        missing = [k for k in ("image", "captions") if k not in record]
-        if missing:
-            raise ImageTextFormatError(
-                path, f"missing key(s) {', '.join(map(repr, missing))}", line_no
-            )
-        yield line_no, record
+    lines = enumerate(text.splitlines(), start=1)
+    return jsonl_objects(path, lines, ImageTextFormatError, ("image", "captions"))
 
 
 def _check_record(path: Path, record: dict[str, Any], line: int) -> tuple[str, list[str]]:

@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,3 +73,41 @@ def hash_folder(folder: str | Path) -> str:
             for block in iter(lambda: f.read(1 << 22), b""):
                 h.update(block)
     return h.hexdigest()
+
+
+class DataFormatError(ValueError):
+    """A data file (or hub data set) that cannot be used: names it and, where known, the line.
+
+    For hub data sets ``unit`` is ``"row"`` (the position in the split, from 1).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], problem: str, line: int | None = None, *,
+                 unit: str = "line"):
+        self.path = Path(path)
+        self.line = line
+        self.problem = problem
+        self.unit = unit
+        where = f"{self.path}, {unit} {line}" if line is not None else str(self.path)
+        super().__init__(f"{where}: {problem}")
+
+
+def jsonl_objects(
+    path: Path,
+    lines: Iterable[tuple[int, str]],
+    error: type[DataFormatError],
+    required: Sequence[str] = (),
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) per non-blank line; `error` names the file and line of a bad one."""
+    for line_no, raw in lines:
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise error(path, f"invalid JSON: {exc.msg}", line_no) from None
+        if not isinstance(record, dict):
+            raise error(path, f"expected a JSON object, got {type(record).__name__}", line_no)
+        missing = [k for k in required if k not in record]
+        if missing:
+            raise error(path, f"missing key(s) {', '.join(map(repr, missing))}", line_no)
+        yield line_no, record

@@ -10,7 +10,6 @@ set in MTEB's layout (:mod:`mtd.hub`) is validated exactly like a folder.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -24,6 +23,8 @@ import faiss
 import numpy as np
 import pytrec_eval
 from tqdm.auto import tqdm
+
+from mtd.io import DataFormatError, jsonl_objects
 
 logger = logging.getLogger(__name__)
 
@@ -62,27 +63,8 @@ _SEARCH_BATCH = 4096  # queries per FAISS call: bounds the (batch, k) result buf
 Encoder = Callable[[list[str]], np.ndarray]
 
 
-class RetrievalFormatError(ValueError):
-    """A BEIR file cannot be used; the message names the file and, where known, the line.
-
-    For a hub data set (:mod:`mtd.hub`) ``path`` names the data set and its part (e.g.
-    ``mteb/scifact/corpus``) and ``unit`` is ``"row"``: the position in that split, from 1.
-    """
-
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        problem: str,
-        line: int | None = None,
-        *,
-        unit: str = "line",
-    ):
-        self.path = Path(path)
-        self.line = line
-        self.problem = problem
-        self.unit = unit
-        where = f"{self.path}, {unit} {line}" if line is not None else str(self.path)
-        super().__init__(f"{where}: {problem}")
+class RetrievalFormatError(DataFormatError):
+    """A BEIR file or hub set cannot be used; the message names it and, where known, the line."""
 
 
 @dataclass(frozen=True)
@@ -172,16 +154,8 @@ def _record_id(path: Path, record: Mapping[str, Any], line: int, unit: str) -> s
 
 def _jsonl_records(path: Path) -> Iterator[Record]:
     """(line number, object) for each line of a BEIR corpus.jsonl or queries.jsonl."""
-    for line_no, raw in tqdm(_lines(path), desc=f"read {path.name}", unit=" lines", leave=False):
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise RetrievalFormatError(path, f"invalid JSON: {exc.msg}", line_no) from None
-        if not isinstance(record, dict):
-            raise RetrievalFormatError(
-                path, f"expected a JSON object, got {type(record).__name__}", line_no
-            )
-        yield line_no, record
+    lines = tqdm(_lines(path), desc=f"read {path.name}", unit=" lines", leave=False)
+    return jsonl_objects(path, lines, RetrievalFormatError)
 
 
 def _ids_and_texts(

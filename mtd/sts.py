@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 import os
@@ -22,6 +21,8 @@ from typing import Any
 import numpy as np
 from scipy import stats
 from tqdm.auto import tqdm
+
+from mtd.io import DataFormatError, jsonl_objects
 
 logger = logging.getLogger(__name__)
 
@@ -45,26 +46,8 @@ SUFFIXES = (".jsonl", ".csv", ".tsv")
 Encoder = Callable[[list[str]], np.ndarray]
 
 
-class StsFormatError(ValueError):
-    """An STS file cannot be read; the message names the file and, where known, the line.
-
-    For a hub data set (:mod:`mtd.hub`) ``path`` is ``<name>/<split>`` and ``unit`` is ``"row"``.
-    """
-
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        problem: str,
-        line: int | None = None,
-        *,
-        unit: str = "line",
-    ):
-        self.path = Path(path)
-        self.line = line
-        self.problem = problem
-        self.unit = unit
-        where = f"{self.path}, {unit} {line}" if line is not None else str(self.path)
-        super().__init__(f"{where}: {problem}")
+class StsFormatError(DataFormatError):
+    """An STS file or hub set cannot be read; the message names it and, where known, the line."""
 
 
 @dataclass(frozen=True)
@@ -121,21 +104,7 @@ def _sentence(path: Path, key: str, value: Any, line: int) -> str:
 
 
 def _rows_jsonl(path: Path, text: str) -> Iterable[tuple[int, Mapping[str, Any]]]:
-    for line_no, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise StsFormatError(path, f"invalid JSON: {exc.msg}", line_no) from None
-        if not isinstance(record, dict):
-            raise StsFormatError(
-                path, f"expected a JSON object, got {type(record).__name__}", line_no
-            )
-        missing = [k for k in FIELDS if k not in record]
-        if missing:
-            raise StsFormatError(path, f"missing key(s) {', '.join(map(repr, missing))}", line_no)
-        yield line_no, record
+    return jsonl_objects(path, enumerate(text.splitlines(), start=1), StsFormatError, FIELDS)
 
 
 def _rows_delimited(

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from mtd.config import RunConfig, load_config
 from mtd.synthetic import make_tiny_assets
@@ -43,3 +44,19 @@ def tiny_config(tiny_assets: Path, tmp_path: Path) -> Callable[..., RunConfig]:
         return load_config(TINY_YAML, overrides=paths + list(overrides))
 
     return make
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box OpenMP threads
+    waiting on each other make every step ~100x slower. (Speed tests set their own threads.)"""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One target cache for every run (content-addressed by teacher and corpus, so sharing is safe)."""
+    return tmp_path_factory.getbasetemp() / "shared-target-cache"

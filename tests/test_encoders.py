@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from mtd.encoders import (
     ConcatEncoder,
@@ -17,14 +16,6 @@ from mtd.encoders import (
     with_prefixes,
 )
 from mtd.pipeline import run
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -22,15 +22,6 @@ HEADS = {"fc1": 80, "fc16": 16, "fc3": 3}
 MAX_LENGTH = 12  # short enough that long corpus texts are truncated: both sides must agree on it
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core box they are much slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="session")
 def shared_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.getbasetemp() / "shared-target-cache"

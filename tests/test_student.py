@@ -23,16 +23,6 @@ HEADS = {"fc1": 12, "fc16": 4}
 TEXTS = ["kalo minu resa", "ti", "vozepo dafi guhe kalo minu resa tivo zepo", "sa sa sa sa", "da"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box OpenMP threads
-    waiting on each other make every step ~100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_bert(layers: int = 3, vocab: int = 60, seed: int = 0) -> BertModel:
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,

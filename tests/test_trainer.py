@@ -31,22 +31,6 @@ TERMS = ("fc1/cos", "fc1/sim", "fc1/resim", "loss", "lr")
 STAGE3_TERMS = ("fc16/sim", "fc16/resim")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box OpenMP threads
-    waiting on each other make every step ~100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="session")
-def shared_cache(tmp_path_factory) -> Path:
-    """One target cache for every run of this module (content-addressed, so sharing is safe)."""
-    return tmp_path_factory.getbasetemp() / "shared-target-cache"
-
-
 @pytest.fixture
 def config(tiny_config, shared_cache):
     """tiny_config, with the target cache shared between tests (building it is the slow part)."""
