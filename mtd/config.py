@@ -307,3 +307,21 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"export_head={cfg.export_head!r} is not one of {list(cfg.student.heads)}.")
     if cfg.train.mixed_precision not in ("no", "fp16", "bf16"):
         raise ConfigError("train.mixed_precision must be no, fp16 or bf16.")
+
+
+def check_dims(cfg: RunConfig, head_dims: dict[str, int], target_dim: int) -> None:
+    """Cosine compares vectors pointwise, so a head with `cos` needs its target's size.
+
+    Checked once the teachers' dims are known, before any training step.
+    """
+    for i, stage in enumerate(cfg.stages):
+        for head, terms in stage.heads.items():
+            source = stage.targets.get(head, "teacher")
+            want = target_dim if source == "teacher" else head_dims[source.removeprefix("self:")]
+            if "cos" in terms and head_dims[head] != want:
+                fix = "target" if source == "teacher" else want
+                raise ConfigError(
+                    f"stages.{i}.heads.{head}: 'cos' needs equal dims, but {head} has "
+                    f"{head_dims[head]} and its target ({source}) has {want}. Use only sim/resim "
+                    f"for this head, or set student.heads.{head}: {fix}."
+                )

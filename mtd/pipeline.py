@@ -13,7 +13,7 @@ import numpy as np
 from accelerate.utils import set_seed
 
 from mtd import cache, report
-from mtd.config import RunConfig, dump_config
+from mtd.config import RunConfig, check_dims, dump_config
 from mtd.data import Corpus, TargetDataset, read_corpus
 from mtd.export import export_student
 from mtd.io import atomic_write_text
@@ -66,7 +66,9 @@ def run(cfg: RunConfig, resume: bool = False) -> Path:
     # The init must not depend on what ran before (building assets or caches draws random numbers,
     # and only some runs or ranks do it): seed it, so equal configs start from equal students.
     set_seed(cfg.train.seed)
-    student, tokenizer = build_student(cfg, target_dim=sum(a.shape[1] for a in arrays))
+    target_dim = sum(a.shape[1] for a in arrays)
+    check_dims(cfg, resolve_head_dims(cfg.student.heads, target_dim), target_dim)
+    student, tokenizer = build_student(cfg, target_dim)
 
     finished = train_stages(accelerator, student, tokenizer, cfg, train_ds, dev_ds, resume)
     accelerator.end_training()

@@ -179,3 +179,15 @@ def test_dump_load_round_trip(tmp_path):
     again = load_config(path)
     assert again == cfg
     assert again != _load()  # the overrides really survived the trip
+
+
+def test_cos_on_a_head_of_another_size_is_refused_before_training(tiny_config):
+    from mtd.config import check_dims
+
+    cfg = tiny_config("stages.2.heads={fc1: [cos], fc16: [cos, sim]}")
+    with pytest.raises(ConfigError, match=r"stages\.2\.heads\.fc16: 'cos' needs equal dims.*16.*80"):
+        check_dims(cfg, {"fc1": 80, "fc16": 16}, target_dim=80)
+    ok = tiny_config("stages.2.heads={fc1: [cos], fc16: [cos]}", "stages.2.targets={fc16: 'self:fc1'}")
+    with pytest.raises(ConfigError, match="self:fc1"):
+        check_dims(ok, {"fc1": 80, "fc16": 16}, target_dim=80)
+    check_dims(tiny_config(), {"fc1": 80, "fc16": 16}, target_dim=80)  # the shipped config is fine
