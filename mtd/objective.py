@@ -56,19 +56,22 @@ class Objective:
         """outputs: {head: (B, D_head)}; teacher: (B, D_target) -> {term name: scalar}."""
         terms: dict[str, torch.Tensor] = {}
         total = teacher.new_zeros((), dtype=torch.float32)
-        for head, names in self.heads.items():
-            s, t = outputs[head], self.target_for(head, outputs, teacher)
-            for name in names:
-                if name == "cos":
-                    value = cosine_loss(s, t)
-                elif name == "sim":
-                    value = similarity_loss(s, t)
-                else:
-                    value = relative_similarity_loss(
-                        s, t, margin=self.margin, chunk_size=self.resim_chunk_size,
-                        num_samples=self.resim_samples, generator=generator,
-                    )
-                terms[f"{head}/{name}"] = value
-                total = total + self.weights[name] * value
+        # Float32 even under mixed precision: the margin (0.015) is a few bf16 steps wide.
+        with torch.autocast(device_type=teacher.device.type, enabled=False):
+            for head, names in self.heads.items():
+                s, t = outputs[head].float(), self.target_for(head, outputs, teacher).float()
+                for name in names:
+                    terms[f"{head}/{name}"] = value = self._term(name, s, t, generator)
+                    total = total + self.weights[name] * value
         terms["loss"] = total
         return terms
+
+    def _term(self, name: str, s: torch.Tensor, t: torch.Tensor, generator) -> torch.Tensor:
+        if name == "cos":
+            return cosine_loss(s, t)
+        if name == "sim":
+            return similarity_loss(s, t)
+        if name == "resim":
+            return relative_similarity_loss(s, t, margin=self.margin, chunk_size=self.resim_chunk_size,
+                                            num_samples=self.resim_samples, generator=generator)
+        raise ValueError(f"Unknown loss term {name!r}; known: cos, sim, resim.")

@@ -3,8 +3,9 @@
 A run directory holds:
     config.yaml        the resolved config
     log.jsonl          one row per logging step (every loss term, lr) and per dev evaluation
-    checkpoints/       stageS-stepK/ (Accelerate state: model, optimizer, scheduler, RNG) and
-                       stageS-end/ (student weights); a checkpoint counts once its state.json exists
+    checkpoints/       S-NAME-stepK/ (Accelerate state: model, optimizer, scheduler, RNG) and
+                       S-NAME-end/ (student weights) for stage index S named NAME; a checkpoint
+                       counts once its state.json exists
     student/           the trained student in mtd's format (see student.save_student)
 
 Resuming reloads the newest checkpoint and replays the same data order (StepBatchSampler is a pure
@@ -204,7 +205,8 @@ class StageRunner:
         sync = micro == self.tcfg.grad_accum - 1
         generator = torch.Generator(device=self.acc.device).manual_seed(
             (self.tcfg.seed * 1_000_003 + step) * 64 + micro)  # same pair samples on all ranks
-        with self.acc.autocast(), (nullcontext() if sync else self.acc.no_sync(model)):
+        # The prepared model's forward runs under autocast already; the objective turns it off.
+        with nullcontext() if sync else self.acc.no_sync(model):
             outputs, target = _forward_global(model, batch, target, self.objective.heads_used,
                                               self.acc.device)
             terms = self.objective(outputs, target, generator=generator)

@@ -1,0 +1,49 @@
+"""The stage objective: named terms, weights, self-distillation targets, float32 under autocast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mtd.losses import cosine_loss, relative_similarity_loss, similarity_loss
+from mtd.objective import Objective
+
+
+def _objective(**kw) -> Objective:
+    return Objective(heads={"fc1": ("cos", "sim", "resim"), "fc8": ("sim", "resim")},
+                     targets={"fc8": "self:fc1"}, weights={"cos": 10.0, "sim": 200.0, "resim": 20.0}, **kw)
+
+
+def _batch(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return {"fc1": torch.randn(16, 24, generator=g), "fc8": torch.randn(16, 8, generator=g)}, \
+        torch.randn(16, 24, generator=g)
+
+
+def test_terms_weights_and_self_target():
+    outputs, teacher = _batch()
+    terms = _objective()(outputs, teacher)
+    assert set(terms) == {"fc1/cos", "fc1/sim", "fc1/resim", "fc8/sim", "fc8/resim", "loss"}
+    assert terms["fc8/sim"] == pytest.approx(similarity_loss(outputs["fc8"], outputs["fc1"]).item())
+    expected = (10 * cosine_loss(outputs["fc1"], teacher) + 200 * similarity_loss(outputs["fc1"], teacher)
+                + 20 * relative_similarity_loss(outputs["fc1"], teacher)
+                + 200 * terms["fc8/sim"] + 20 * terms["fc8/resim"])
+    assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_float32_under_autocast():
+    """Mixed precision must not reach the losses: their margin is a few bf16 steps wide."""
+    outputs, teacher = _batch(1)
+    reference = _objective()(outputs, teacher)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = _objective()(outputs, teacher)
+    for name, value in reference.items():
+        assert under[name].dtype == torch.float32
+        assert under[name].item() == pytest.approx(value.item(), rel=1e-6), name
+
+
+def test_unknown_term_is_refused():
+    outputs, teacher = _batch()
+    bad = Objective(heads={"fc1": ("cosine",)}, targets={}, weights={"cosine": 1.0})
+    with pytest.raises(ValueError, match="Unknown loss term 'cosine'"):
+        bad(outputs, teacher)
