@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from mtd.encoders import ModelSpecError, PrefixEncoder, parse_models, student_heads, with_prefixes
+    from mtd.errors import MtdError
     from mtd.evaluate import evaluate_all, retention_table
     from mtd.io import atomic_write_json
 
@@ -106,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = evaluate_all(models, data=args.data, tasks=args.tasks, split=args.split,
                             batch_size=args.batch_size, index=args.index, cache_dir=args.cache_dir,
                             speed=(tuple(args.models), timed, args.speed_texts), hub=args.hub)
-    except (FileNotFoundError, ValueError, ImportError) as e:  # bad data (the message names file and
-        sys.exit(f"eval.py: {e}")  # problem) or --hub without datasets (the message says what to install)
+    except (MtdError, FileNotFoundError, ValueError, ImportError) as e:
+        # Bad data (the message names the file and problem), or --hub without `datasets`.
+        sys.exit(f"eval.py: {e}")
     print(retention_table(rows, args.reference))
     if args.out is not None:
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}

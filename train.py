@@ -12,6 +12,7 @@ import logging
 import sys
 
 from mtd.config import ConfigError, load_config
+from mtd.errors import MtdError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     from mtd.pipeline import run  # after parsing: --help and config errors stay instant
     from mtd.sts import format_table
 
-    run_dir = run(cfg, resume=args.resume)
+    try:
+        run_dir = run(cfg, resume=args.resume)
+    except MtdError as e:  # bad input: the message names the problem and the fix
+        logging.getLogger("train").error("%s", e)
+        return 2
     results = run_dir / "results.json"
     if results.is_file():
         print(f"\n{cfg.name}: Spearman x100 (student export in {run_dir / 'final'})")

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from mtd import teachers
 from mtd.config import TeacherConfig
+from mtd.errors import MtdError
 from mtd.io import atomic_write_json, hash_texts, read_json
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ VECTORS = "vectors.npy"
 MANIFEST = "manifest.json"
 
 
-class CacheError(RuntimeError):
+class CacheError(MtdError, RuntimeError):
     """A cache folder that is incomplete, corrupt, or does not match what the run needs."""
 
 

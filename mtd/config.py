@@ -17,10 +17,12 @@ from typing import Any
 
 import yaml
 
+from mtd.errors import MtdError
+
 LOSS_TERMS = ("cos", "sim", "resim")
 
 
-class ConfigError(ValueError):
+class ConfigError(MtdError, ValueError):
     """A config file or override that cannot be used as written."""
 
 
@@ -281,6 +283,65 @@ def _check_stage(stage: StageConfig, heads: dict[str, Any], where: str) -> None:
         raise ConfigError(f"{where}.weights: keys must be among {LOSS_TERMS}.")
 
 
+POOLING_MODES = ("mean", "cls", "max", "lasttoken", "mean_sqrt_len_tokens", "weightedmean")
+TEACHER_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    """Values that types allow but that would fail late (after teachers encoded) or silently."""
+    t = cfg.train
+    positive = {"train.log_every": t.log_every, "train.save_every": t.save_every,
+                "train.grad_accum": t.grad_accum, "train.keep_checkpoints": t.keep_checkpoints,
+                "student.max_length": cfg.student.max_length, "cache_chunk_size": cfg.cache_chunk_size}
+    for i, stage in enumerate(cfg.stages):
+        positive[f"stages.{i}.batch_size"] = stage.batch_size - 1  # in-batch losses need 2 texts
+        positive[f"stages.{i}.lr"] = stage.lr
+        positive[f"stages.{i}.steps"] = stage.steps if stage.steps is not None else 1
+        positive[f"stages.{i}.epochs"] = stage.epochs if stage.epochs is not None else 1
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} is out of range: it must be positive (batch sizes at least 2).")
+    if t.eval_every < 0 or cfg.data.dev_size < 0:
+        raise ConfigError("train.eval_every and data.dev_size must be 0 or more.")
+    for i, teacher in enumerate(cfg.teachers):
+        if teacher.pooling not in POOLING_MODES:
+            raise ConfigError(f"teachers.{i}.pooling={teacher.pooling!r}: use one of {POOLING_MODES}.")
+        if teacher.dtype not in TEACHER_DTYPES:
+            raise ConfigError(f"teachers.{i}.dtype={teacher.dtype!r}: use one of {TEACHER_DTYPES}.")
+
+
+# Keys a resumed run may change: they do not alter what is trained.
+RESUMABLE_CHANGES = ("train.max_steps_per_job", "train.report_to", "train.num_workers", "eval.",
+                     "export_head")
+
+
+def _flatten(value: Any, key: str = "") -> dict[str, Any]:
+    """{"stages.0.lr": 1e-4, ...}: one entry per leaf, list items by index."""
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list) and all(isinstance(v, dict) for v in value) and value:
+        items = enumerate(value)
+    else:
+        return {key: value}
+    out: dict[str, Any] = {}
+    for k, v in items:
+        out |= _flatten(v, f"{key}.{k}" if key else str(k))
+    return out
+
+
+def check_resume(saved_yaml: str, cfg: RunConfig) -> None:
+    """Refuse to resume a run with a config that changes what it trains."""
+    old, new = _flatten(yaml.safe_load(saved_yaml) or {}), _flatten(to_dict(cfg))
+    changed = sorted(k for k in old.keys() | new.keys()
+                     if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES))
+    if changed:
+        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
+        raise ConfigError(
+            f"--resume with a different config than the run was started with ({shown}). "
+            "Resume with the original values, or start a new run (name=NEW_NAME)."
+        )
+
+
 def validate(cfg: RunConfig) -> None:
     if not cfg.teachers:
         raise ConfigError("No teachers: add a 'teachers:' list with name and path for each.")
@@ -307,6 +368,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"export_head={cfg.export_head!r} is not one of {list(cfg.student.heads)}.")
     if cfg.train.mixed_precision not in ("no", "fp16", "bf16"):
         raise ConfigError("train.mixed_precision must be no, fp16 or bf16.")
+    _check_ranges(cfg)
 
 
 def check_dims(cfg: RunConfig, head_dims: dict[str, int], target_dim: int) -> None:

@@ -12,10 +12,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mtd.errors import MtdError
+
 logger = logging.getLogger(__name__)
 
 
-class CorpusError(ValueError):
+class CorpusError(MtdError, ValueError):
     """A corpus file that cannot be read as one text per line / per JSON record."""
 
 

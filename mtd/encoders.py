@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -26,7 +24,8 @@ from typing import Protocol
 
 import numpy as np
 
-from mtd.io import hash_folder, hash_texts, read_json
+from mtd.errors import MtdError
+from mtd.io import atomic_save_npy, hash_folder, hash_texts, read_json
 from mtd.student import STUDENT_FILE, load_student
 from mtd.student import encode as student_encode
 
@@ -35,7 +34,7 @@ logger = logging.getLogger(__name__)
 ROLES = ("query", "document")
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(MtdError, ValueError):
     """A model spec that does not name a usable model."""
 
 
@@ -130,6 +129,10 @@ class PrefixEncoder:
     name: str
     inner: Encoder
     dim: int
+
+    def __post_init__(self):
+        if self.dim < 1:
+            raise ModelSpecError(f"{self.name}: a prefix needs at least 1 dimension, got {self.dim}.")
 
     @property
     def fingerprint(self) -> str:
@@ -244,9 +247,5 @@ def cached_encode(model: Encoder, texts: list[str], role: str, cache_dir: str | 
             pass
         logger.warning("Cached vectors %s are unreadable or wrong; encoding again.", path)
     vecs = model.encode(texts, role, batch_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy")
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, vecs)
-    os.replace(tmp, path)
+    atomic_save_npy(path, vecs)
     return vecs

@@ -49,6 +49,9 @@ def to_sentence_transformer(student: Student, tokenizer, head: str, max_length: 
 def export_student(student: Student, tokenizer, out: str | Path, head: str, max_length: int) -> Path:
     """Write the sentence-transformers folder atomically (a temp folder renamed into place)."""
     out = Path(out)
+    if out.exists() and not (out / "modules.json").is_file():
+        raise StudentError(f"{out} exists and is not a sentence-transformers folder; refusing to "
+                           "replace it. Choose another output folder, or remove it yourself.")
     model = to_sentence_transformer(student, tokenizer, head, max_length)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

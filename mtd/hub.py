@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from mtd import sts
+from mtd.errors import MtdError
 from mtd.retrieval import BeirSet, BeirSources, Record, RetrievalFormatError, beir_from_records
 from mtd.sts import StsFormatError, StsSet
 
@@ -32,7 +33,7 @@ STS_LAYOUT = "an STS folder: <split>.jsonl|csv|tsv with sentence1, sentence2, sc
 BEIR_LAYOUT = "a BEIR folder: corpus.jsonl, queries.jsonl and qrels/<split>.tsv"
 
 
-class HubDataError(ValueError):
+class HubDataError(MtdError, ValueError):
     """A hub data set cannot be loaded (unknown name, offline, missing config or split)."""
 
 

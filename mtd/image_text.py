@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from mtd.errors import MtdError
 from mtd.io import DataFormatError, jsonl_objects
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class ImageTextFormatError(DataFormatError):
     """An image-text file cannot be read; the message names the file and, where known, the line."""
 
 
-class ImageLoadError(RuntimeError):
+class ImageLoadError(MtdError, RuntimeError):
     """Not one image could be decoded; ``problems`` lists each path with its reason."""
 
     def __init__(self, problems: list[str]):

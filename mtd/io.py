@@ -14,6 +14,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from mtd.errors import MtdError
+
 # Files that decide what a model computes; READMEs and OS clutter do not.
 _MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".json", ".txt", ".model", ".py")
 
@@ -28,6 +30,24 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save_npy(path: str | Path, array: Any) -> None:
+    """np.save through a temp file and rename, so a reader never sees half an array."""
+    import numpy as np
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npy")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -75,7 +95,7 @@ def hash_folder(folder: str | Path) -> str:
     return h.hexdigest()
 
 
-class DataFormatError(ValueError):
+class DataFormatError(MtdError, ValueError):
     """A data file (or hub data set) that cannot be used: names it and, where known, the line.
 
     For hub data sets ``unit`` is ``"row"`` (the position in the split, from 1).

@@ -11,16 +11,17 @@ from pathlib import Path
 
 import numpy as np
 from accelerate.utils import set_seed
+from safetensors.torch import load_file
 
 from mtd import cache, report
-from mtd.config import RunConfig, check_dims, dump_config
+from mtd.config import RunConfig, check_dims, check_resume, dump_config
 from mtd.data import Corpus, TargetDataset, read_corpus
 from mtd.export import export_student
 from mtd.io import atomic_write_text
 from mtd.student import Student, build_encoder, resolve_head_dims, save_student
 from mtd.synthetic import make_tiny_assets
 from mtd.teachers import resolve_model_folder
-from mtd.trainer import check_run_dir, make_accelerator, train_stages
+from mtd.trainer import check_run_dir, latest_checkpoint, make_accelerator, train_stages
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +45,12 @@ def run(cfg: RunConfig, resume: bool = False) -> Path:
     run_dir = cfg.run_dir
     check_run_dir(run_dir, resume)
     accelerator = make_accelerator(cfg.train, run_dir)
+    saved = run_dir / "config.yaml"
+    if resume and saved.is_file() and latest_checkpoint(run_dir) is not None:
+        check_resume(saved.read_text(encoding="utf-8"), cfg)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+        atomic_write_text(saved, dump_config(cfg))
         if cfg.synthetic_assets:
             make_tiny_assets(cfg.synthetic_assets)
     accelerator.wait_for_everyone()
@@ -74,6 +78,11 @@ def run(cfg: RunConfig, resume: bool = False) -> Path:
     accelerator.end_training()
     if not finished or not accelerator.is_main_process:
         return run_dir
+    # The last stage-end checkpoint holds full weights even where training sharded them (FSDP,
+    # DeepSpeed), so the saved student is rebuilt from it rather than taken from memory.
+    final_ckpt, _ = latest_checkpoint(run_dir)
+    student, tokenizer = build_student(cfg, target_dim)
+    student.load_state_dict(load_file(str(final_ckpt / "model.safetensors")))
     save_student(student, tokenizer, run_dir / "student", cfg.student.max_length)
     head = cfg.export_head or next(iter(student.heads))
     export_student(student, tokenizer, run_dir / "final", head, cfg.student.max_length)

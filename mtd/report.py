@@ -20,7 +20,7 @@ from scipy import stats
 
 from mtd import sts, teachers
 from mtd.config import EvalConfig, RunConfig, TeacherConfig
-from mtd.io import atomic_write_json, read_json
+from mtd.io import DataFormatError, atomic_write_json, read_json
 from mtd.student import encode, load_student
 
 logger = logging.getLogger(__name__)
@@ -101,17 +101,21 @@ def final_report(cfg: RunConfig, run_dir: Path, dev_targets: list[np.ndarray],
     """Score run_dir/final (and the other heads), write results.json, log the Markdown table."""
     ecfg = cfg.eval
     sts_dir = Path(ecfg.sts_dir) if ecfg.sts_dir else None
+    rows = []
     if sts_dir is not None and sts_dir.is_dir():
-        sets = sts.find_sts_sets(sts_dir, ecfg.split)
-        rows = student_sts(run_dir, sets, ecfg.batch_size, export_head)
-        if ecfg.teachers:
-            for t in cfg.teachers:
+        try:
+            sets = sts.find_sts_sets(sts_dir, ecfg.split)
+            rows = student_sts(run_dir, sets, ecfg.batch_size, export_head)
+            for t in cfg.teachers if ecfg.teachers else []:
                 rows += teacher_sts(t, sets, ecfg, Path(cfg.cache_dir))
-    elif dev_texts:
+        except (FileNotFoundError, DataFormatError) as e:  # the student is saved; still report
+            logger.warning("STS data unusable (%s); reporting agreement instead.", e)
+            rows = []
+    if not rows and dev_texts:
         logger.info("No STS data at %s: reporting agreement with the teachers on %d held-out "
                     "texts instead.", sts_dir, min(len(dev_texts), MAX_AGREEMENT_TEXTS))
         rows = agreement_rows(run_dir / "final", dev_texts, dev_targets, [t.name for t in cfg.teachers])
-    else:
+    elif not rows:
         logger.warning("Nothing to report: no STS data (eval.sts_dir) and no dev texts (data.dev_size).")
         return []
     atomic_write_json(run_dir / "results.json", rows)

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from mtd.errors import MtdError
 from mtd.io import atomic_write_json, read_json
 
 logger = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ HEADS_FILE = "heads.safetensors"
 STUDENT_FILE = "student.json"
 
 
-class StudentError(ValueError):
+class StudentError(MtdError, ValueError):
     """A student that cannot be built as configured."""
 
 

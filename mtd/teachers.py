@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from mtd.config import TeacherConfig
+from mtd.errors import MtdError
 from mtd.io import hash_folder, read_json
 
 logger = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class TeacherError(RuntimeError):
+class TeacherError(MtdError, RuntimeError):
     """A teacher that cannot be found or loaded."""
 
 

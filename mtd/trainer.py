@@ -34,6 +34,7 @@ from transformers import get_cosine_schedule_with_warmup
 from mtd.config import RunConfig, StageConfig, TrainConfig
 from mtd.data import StepBatchSampler, TargetDataset
 from mtd.distributed import gather_with_grad, world_size
+from mtd.errors import MtdError
 from mtd.io import append_jsonl, atomic_write_json, atomic_write_text, read_json
 from mtd.objective import Objective
 from mtd.student import Student, set_trainable, tokenize
@@ -43,7 +44,7 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "state.json"
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(MtdError, RuntimeError):
     """Training produced NaN/inf; the last good checkpoint is kept."""
 
 
@@ -315,10 +316,12 @@ def train_stages(accelerator: Accelerator, student: Student, tokenizer, cfg: Run
     if found and found[1].done:
         student.load_state_dict(load_file(str(found[0] / "model.safetensors")))
         pos = Position(found[1].stage + 1)
-    if found:
-        logger.info("Resuming from %s", found[0])
-        if accelerator.is_main_process:
+    if accelerator.is_main_process:
+        if found:
+            logger.info("Resuming from %s", found[0])
             _truncate_log(run_dir / "log.jsonl", found[1])
+        else:  # a fresh start: rows of an earlier attempt that never checkpointed do not belong
+            (run_dir / "log.jsonl").unlink(missing_ok=True)
     budget = cfg.train.max_steps_per_job
     for index in range(pos.stage, len(cfg.stages)):
         start = pos.step if index == pos.stage else 0
@@ -336,9 +339,13 @@ def train_stages(accelerator: Accelerator, student: Student, tokenizer, cfg: Run
     return True
 
 
+class RunExistsError(MtdError, FileExistsError):
+    """A run folder with checkpoints, started again without --resume."""
+
+
 def check_run_dir(run_dir: Path, resume: bool) -> None:
     if not resume and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
-        raise FileExistsError(
+        raise RunExistsError(
             f"{run_dir} already has checkpoints. Pass --resume to continue it, or choose another "
             "name (name=NEW_NAME) to start fresh; nothing was overwritten."
         )

@@ -191,3 +191,26 @@ def test_cos_on_a_head_of_another_size_is_refused_before_training(tiny_config):
     with pytest.raises(ConfigError, match="self:fc1"):
         check_dims(ok, {"fc1": 80, "fc16": 16}, target_dim=80)
     check_dims(tiny_config(), {"fc1": 80, "fc16": 16}, target_dim=80)  # the shipped config is fine
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.log_every=0", "train.log_every"),
+    ("train.save_every=0", "train.save_every"),
+    ("train.grad_accum=0", "train.grad_accum"),
+    ("stages.0.batch_size=1", "stages.0.batch_size"),
+    ("stages.1.lr=0", "stages.1.lr"),
+    ("teachers.0.pooling=meen", "teachers.0.pooling"),
+    ("teachers.1.dtype=fp16", "teachers.1.dtype"),
+])
+def test_out_of_range_values_are_refused_at_load(tiny_config, override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        tiny_config(override)
+
+
+def test_resume_refuses_a_changed_config(tiny_config):
+    from mtd.config import check_resume, dump_config
+
+    saved = dump_config(tiny_config())
+    check_resume(saved, tiny_config("train.max_steps_per_job=5", "eval.batch_size=8"))  # allowed
+    with pytest.raises(ConfigError, match=r"stages\.1\.lr: 0\.001 -> 0\.002.*name=NEW_NAME"):
+        check_resume(saved, tiny_config("stages.1.lr=2e-3"))

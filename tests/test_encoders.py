@@ -129,3 +129,8 @@ def test_combination_is_built_from_cached_parts(tmp_path):
     np.testing.assert_allclose(cached_encode(prefix, ["x", "y"], "document", tmp_path),
                                prefix.encode(["x", "y"]), atol=1e-6)
     assert a.calls == 3  # only the reference call above
+
+
+def test_prefix_must_keep_a_dimension():
+    with pytest.raises(ModelSpecError, match="at least 1"):
+        PrefixEncoder("m@-128", _Counting(), -128)

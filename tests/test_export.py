@@ -129,3 +129,15 @@ def test_cli_exports_chosen_head_of_a_run(finished_run, tmp_path, texts):
     with pytest.raises(StudentError, match=r"No head 'fc99'.*fc1"):
         main([str(finished_run / "student"), str(tmp_path / "x"), "--head", "fc99"])
     assert not (tmp_path / "x").exists()
+
+
+def test_export_refuses_to_replace_a_folder_that_is_not_a_model(tmp_path):
+    from mtd.export import export_student
+    from mtd.student import StudentError
+
+    precious = tmp_path / "models"
+    precious.mkdir()
+    (precious / "keep.txt").write_text("data")
+    with pytest.raises(StudentError, match="refusing to replace"):
+        export_student(None, None, precious, "fc1", 16)  # refused before the student is touched
+    assert (precious / "keep.txt").read_text() == "data"

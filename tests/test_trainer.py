@@ -435,3 +435,21 @@ def test_misconfigured_cpu_launch_fails_clearly(config, tmp_path):
     assert proc.returncode != 0
     assert "ACCELERATE_USE_CPU" in proc.stderr and "2 processes were launched" in proc.stderr
     assert not (cfg.run_dir / "log.jsonl").exists()
+
+
+def test_resume_with_a_changed_config_is_refused(config):
+    from mtd.config import ConfigError
+
+    cfg = config(*FAST, "train.max_steps_per_job=7")
+    pipeline.run(cfg)
+    with pytest.raises(ConfigError, match="stages.0.lr"):
+        pipeline.run(config(*FAST, "stages.0.lr=0.5"), resume=True)
+    pipeline.run(config(*FAST), resume=True)  # the budget may change: this finishes the run
+
+
+def test_fresh_start_drops_rows_of_an_attempt_that_never_checkpointed(config):
+    cfg = config(*FAST)
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / "log.jsonl").write_text('{"stage": 0, "step": 999, "loss": 1.0}\n')
+    pipeline.run(cfg)
+    assert all(row["step"] != 999 for row in read_log(cfg.run_dir))
