@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Fresh machine -> ready to run: a .venv with the CPU torch wheel installed first (an unpinned
-# torch would pull gigabytes of CUDA), the pinned requirements, and the offline teachers in
-# models/. Idempotent and quick when nothing changed.
+# Fresh machine -> ready to run: a .venv with torch==2.13.0 installed first (on the project's
+# CPU machines pip resolves it to a local CPU wheel; an unpinned torch, or a package asking for a
+# newer one, would pull gigabytes of CUDA), then the requirements under constraints.txt (which
+# keeps that torch), mtd itself (editable), and the offline teachers in models/.
+# Idempotent and quick when nothing changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
