@@ -133,6 +133,27 @@ def _forward_global(model, batch, target, heads: set[str], device):
     return outputs, gather_with_grad(target.to(device))
 
 
+class _TermMeans:
+    """Running mean of every loss term over the optimizer steps since the last log row.
+
+    Counts its own steps: right after a resume or at a job's stop a row covers fewer than
+    train.log_every steps.
+    """
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+
+    def add(self, terms: dict[str, float], scale: float) -> None:
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v * scale
+
+    def pop(self) -> dict[str, float]:
+        row = {k: v / self.steps for k, v in self.sums.items()}
+        self.sums, self.steps = {}, 0
+        return row
+
+
 class StageRunner:
     """Trains one stage from `start` to its end (or to the job's step budget)."""
 
@@ -178,24 +199,23 @@ class StageRunner:
                               self.tcfg.seed + 7919 * self.index, self.stage.batch_size)
         bar = tqdm(total=self.total, initial=start, desc=f"stage {self.stage.name}",
                    disable=not self.acc.is_local_main_process)
-        sums: dict[str, float] = {}
+        means = _TermMeans()
         step, micro = start, 0
         model.train()
         if self.stage.train == "heads":
             self.acc.unwrap_model(model).encoder.eval()  # frozen features: no dropout noise
         for batch, target in loader:
             terms = self._micro_step(model, batch, target, step, micro)
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v / accum
+            means.add(terms, 1 / accum)
             micro += 1
             if micro < accum:
                 continue
             self._optimizer_step(model, optimizer, scheduler)
             step, micro = step + 1, 0
-            sums["_steps"] = sums.get("_steps", 0) + 1
+            means.steps += 1
             bar.update(1)
             bar.set_postfix(loss=f"{terms['loss']:.4f}")
-            self._after_step(model, step, sums, scheduler, stop)
+            self._after_step(model, step, means, scheduler, stop)
         bar.close()
         end = Position(self.index, step, done=step >= self.total, name=self.stage.name)
         if end.done:
@@ -224,13 +244,9 @@ class StageRunner:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def _after_step(self, model, step: int, sums: dict[str, float], scheduler, stop: int) -> None:
-        every = self.tcfg.log_every
-        if step % every == 0 or step == stop:
-            n = sums.pop("_steps")  # fewer than `every` right after a resume or at a stop
-            row = {k: v / n for k, v in sums.items()} | {"lr": scheduler.get_last_lr()[0]}
-            self._log(step, row)
-            sums.clear()
+    def _after_step(self, model, step: int, means: _TermMeans, scheduler, stop: int) -> None:
+        if step % self.tcfg.log_every == 0 or step == stop:
+            self._log(step, means.pop() | {"lr": scheduler.get_last_lr()[0]})
         if self.tcfg.eval_every and step % self.tcfg.eval_every == 0 or step == self.total:
             self._log(step, self.evaluate(model), prefix="dev/")
         if step < self.total and (step % self.tcfg.save_every == 0 or step == stop):
