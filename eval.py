@@ -36,7 +36,7 @@ logger = logging.getLogger("eval")
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from mtd.evaluate import TASKS
+    from mtd.evaluation.suite import TASKS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("models", nargs="+", metavar="MODEL")
@@ -70,8 +70,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _hub_spec(text: str) -> tuple[str, str]:
-    """'TASK:NAME' -> (task, name), TASK one of mtd.evaluate.HUB_TASKS."""
-    from mtd.evaluate import HUB_TASKS
+    """'TASK:NAME' -> (task, name), TASK one of mtd.evaluation.suite.HUB_TASKS."""
+    from mtd.evaluation.suite import HUB_TASKS
 
     task, sep, name = text.partition(":")
     if not sep or task not in HUB_TASKS or not name.strip():
@@ -84,9 +84,9 @@ def _hub_spec(text: str) -> tuple[str, str]:
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from mtd.encoders import ModelSpecError, PrefixEncoder, parse_models, student_heads, with_prefixes
     from mtd.errors import MtdError
-    from mtd.evaluate import evaluate_all, retention_table
+    from mtd.evaluation.specs import ModelSpecError, PrefixEncoder, parse_models, student_heads, with_prefixes
+    from mtd.evaluation.suite import evaluate_all, retention_table
     from mtd.io import atomic_write_json
 
     try:

@@ -26,8 +26,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         parser.error(str(e))
-    from mtd.pipeline import run  # after parsing: --help and config errors stay instant
-    from mtd.sts import format_table
+    from mtd.evaluation.sts import format_table
+    from mtd.training.pipeline import run  # after parsing: --help and config errors stay instant
 
     try:
         run_dir = run(cfg, resume=args.resume)
@@ -36,9 +36,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results = run_dir / "results.json"
     if results.is_file():
-        print(f"\n{cfg.name}: Spearman x100 (student export in {run_dir / 'final'})")
-        print(format_table(json.loads(results.read_text())))
+        rows = json.loads(results.read_text())
+        sts_rows = [r for r in rows if "spearman" in r]
+        if sts_rows:
+            print(f"\n{cfg.name}: Spearman x100 (student export in {run_dir / 'final'})")
+            print(format_table(sts_rows))
+        for r in rows:
+            if r.get("task") == "image-text":
+                print(f"\n{cfg.name}: image-text recall x100 on {r['dataset']} ({r['images']} images, "
+                      f"{r['captions']} captions)")
+                print(" ".join(f"{k} {r[k]:.1f}" for k in sorted(r, key=_recall_order) if "@" in k))
     return 0
+
+
+def _recall_order(key: str) -> tuple[str, int]:
+    """i2t_R@1, i2t_R@5, i2t_R@10, t2i_R@1, ...: by direction, then by k as a number."""
+    direction, _, k = key.partition("_R@")
+    return direction, int(k) if k.isdigit() else 0
 
 
 if __name__ == "__main__":

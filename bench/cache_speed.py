@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from mtd.cache import build_teacher_cache
 from mtd.config import TeacherConfig
-from mtd.teachers import load_teacher, resolve_model_folder
+from mtd.targets.cache import build_teacher_cache
+from mtd.targets.teachers import load_teacher, resolve_model_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 

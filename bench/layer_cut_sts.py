@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mtd.sts import evaluate_sts, load_sts
-from mtd.student import build_encoder, mean_pool, tokenize
+from mtd.evaluation.sts import evaluate_sts, load_sts
+from mtd.models.student import build_encoder, mean_pool, tokenize
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,7 +19,9 @@ import yaml
 
 from mtd.errors import MtdError
 
-LOSS_TERMS = ("cos", "sim", "resim")
+LOSS_TERMS = ("cos", "sim", "resim", "nce")
+STAGE_DATA = ("text", "images")
+VISION_PARTS = ("tower", "projection", "markers")
 
 
 class ConfigError(MtdError, ValueError):
@@ -51,26 +53,45 @@ class DataConfig:
 
 
 @dataclass
+class VisionConfig:
+    kind: str  # vision tower registry name: open_clip | timm | transformers (mtd/models/vision.py)
+    name: str  # model name (open_clip, timm) or folder / hub id (transformers)
+    pretrained: str | None = None  # open_clip tag or checkpoint; timm: weights file or "timm"
+    model_config: dict[str, Any] = field(default_factory=dict)  # extra build kwargs (tiny models)
+    tokens: int = 32  # K: vision tokens entering the text encoder after the projection pool
+    projection: str = "linear"  # pool: Jasper's parameter-free AdaptiveAvgPool | linear: + a Linear
+    trust_remote_code: bool = False
+
+
+@dataclass
 class StudentConfig:
-    init: str = "scratch"  # scratch | pretrained | teacher
+    init: str = "scratch"  # scratch | pretrained | teacher | run (an mtd run or student folder)
     path: str | None = None  # pretrained/teacher folder or hub id; for scratch: the tokenizer
     layers: list[int] | None = None  # init=teacher|pretrained: encoder layers to keep, e.g. [0, 3]
     model_config: dict[str, Any] = field(default_factory=dict)  # init=scratch: transformers config
     heads: dict[str, Any] = field(default_factory=lambda: {"fc1": "target"})  # name -> dim
     max_length: int = 128  # student tokens per text
     trust_remote_code: bool = False
+    vision: VisionConfig | None = None  # image path: tower -> projection pool -> text encoder
 
 
 @dataclass
 class StageConfig:
     name: str
-    train: str = "heads"  # heads | all | last:K (heads plus the last K encoder layers)
+    data: str = "text"  # text: the corpus | images: image-caption pairs (Jasper stage 4)
+    # heads | all | last:K (heads plus the last K encoder layers); images: vision (tower, projection
+    # and markers) or vision:PART,PART with parts among tower, projection, markers
+    train: str = "heads"
     heads: dict[str, list[str]] = field(default_factory=lambda: {"fc1": list(LOSS_TERMS)})
-    targets: dict[str, str] = field(default_factory=dict)  # head -> "teacher" | "self:HEAD"
+    # head -> "teacher" | "self:HEAD"; in image stages self:HEAD is the student's own HEAD vector
+    # of the image's captions (self-distillation, the paper's stage 4)
+    targets: dict[str, str] = field(default_factory=dict)
     weights: dict[str, float] = field(
-        default_factory=lambda: {"cos": 10.0, "sim": 200.0, "resim": 20.0}
-    )  # Jasper paper, section 3
+        default_factory=lambda: {"cos": 10.0, "sim": 200.0, "resim": 20.0, "nce": 1.0}
+    )  # Jasper paper, section 3; nce (InfoNCE against the in-batch targets) only where listed
     margin: float = 0.015  # relative-similarity margin
+    temperature: float = 0.05  # nce softmax temperature
+    captions: str = "mean"  # images: target = mean of the captions' normalized targets | sample one
     resim_chunk_size: int = 1024  # rows of pair-of-pair comparisons held at once
     resim_samples: int | None = None  # sample this many pairs-of-pairs instead of all (big B)
     lr: float = 1e-4
@@ -79,6 +100,17 @@ class StageConfig:
     steps: int | None = None  # optimizer steps; or give epochs
     epochs: float | None = None
     batch_size: int = 128  # global batch: split across processes
+
+
+@dataclass
+class ImagesConfig:
+    train: list[str] = field(default_factory=list)  # image-caption .jsonl files (coco_mini layout)
+    hub: str | None = None  # or a hub data set (or a local folder laid out like one)
+    hub_split: str = "train"
+    image_column: str = "image"
+    caption_column: str = "captions"  # a string or a list of strings per row
+    eval: str | None = None  # image-caption .jsonl scored at the end (image-text Recall@1/5/10)
+    max_images: int | None = None  # use only the first N training images
 
 
 @dataclass
@@ -113,6 +145,7 @@ class RunConfig:
     synthetic_assets: str | None = None  # build tiny random teachers + corpus here first
     teachers: list[TeacherConfig] = field(default_factory=list)
     data: DataConfig = field(default_factory=DataConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     stages: list[StageConfig] = field(default_factory=list)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -257,15 +290,31 @@ def dump_config(cfg: RunConfig) -> str:
 # Cross-field checks that types alone cannot express
 
 
-def _check_stage(stage: StageConfig, heads: dict[str, Any], where: str) -> None:
-    if (stage.steps is None) == (stage.epochs is None):
-        raise ConfigError(f"{where}: give exactly one of 'steps' or 'epochs'.")
-    if stage.train not in ("heads", "all") and not (
+def _check_train_mode(stage: StageConfig, where: str) -> None:
+    if stage.data not in STAGE_DATA:
+        raise ConfigError(f"{where}.data={stage.data!r}: use one of {STAGE_DATA}.")
+    if stage.data == "images":
+        parts = stage.train.removeprefix("vision").removeprefix(":").split(",")
+        if not stage.train.startswith("vision") or (stage.train != "vision" and (
+                not all(parts) or set(parts) - set(VISION_PARTS))):
+            raise ConfigError(
+                f"{where}.train={stage.train!r}: an image stage trains the vision side only "
+                f"(the text side stays frozen): use vision, or vision:PARTS with parts among "
+                f"{', '.join(VISION_PARTS)} (e.g. vision:projection,markers).")
+        if stage.captions not in ("mean", "sample"):
+            raise ConfigError(f"{where}.captions={stage.captions!r}: use mean or sample.")
+    elif stage.train not in ("heads", "all") and not (
         stage.train.startswith("last:") and stage.train[5:].isdigit()
     ):
         raise ConfigError(f"{where}.train={stage.train!r}: use heads, all, or last:K (e.g. last:3).")
+
+
+def _check_stage(stage: StageConfig, heads: dict[str, Any], where: str) -> None:
+    if (stage.steps is None) == (stage.epochs is None):
+        raise ConfigError(f"{where}: give exactly one of 'steps' or 'epochs'.")
+    _check_train_mode(stage, where)
     for head, terms in stage.heads.items():
-        if head not in heads:
+        if heads and head not in heads:
             raise ConfigError(f"{where}.heads: unknown head '{head}'; student heads: {list(heads)}.")
         bad = [t for t in terms if t not in LOSS_TERMS]
         if bad or not terms:
@@ -274,7 +323,7 @@ def _check_stage(stage: StageConfig, heads: dict[str, Any], where: str) -> None:
         if head not in stage.heads:
             raise ConfigError(f"{where}.targets: head '{head}' is not trained in this stage.")
         source = target.removeprefix("self:")
-        if target != "teacher" and not (target.startswith("self:") and source in heads):
+        if target != "teacher" and not (target.startswith("self:") and (source in heads or not heads)):
             raise ConfigError(
                 f"{where}.targets.{head}={target!r}: use 'teacher' or 'self:HEAD' "
                 f"with HEAD one of {list(heads)}."
@@ -293,7 +342,9 @@ def _check_ranges(cfg: RunConfig) -> None:
     positive = {"train.log_every": t.log_every, "train.save_every": t.save_every,
                 "train.grad_accum": t.grad_accum, "train.keep_checkpoints": t.keep_checkpoints,
                 "student.max_length": cfg.student.max_length, "cache_chunk_size": cfg.cache_chunk_size}
+    positive["student.vision.tokens"] = cfg.student.vision.tokens if cfg.student.vision else 1
     for i, stage in enumerate(cfg.stages):
+        positive[f"stages.{i}.temperature"] = stage.temperature
         positive[f"stages.{i}.batch_size"] = stage.batch_size - 1  # in-batch losses need 2 texts
         positive[f"stages.{i}.lr"] = stage.lr
         positive[f"stages.{i}.steps"] = stage.steps if stage.steps is not None else 1
@@ -342,32 +393,62 @@ def check_resume(saved_yaml: str, cfg: RunConfig) -> None:
         )
 
 
+def uses_teachers(cfg: RunConfig) -> bool:
+    """Whether any stage learns teacher targets or any head is sized to them."""
+    return any(s.targets.get(h, "teacher") == "teacher" for s in cfg.stages for h in s.heads) or (
+        cfg.student.init not in FULL_STUDENT_INITS and "target" in cfg.student.heads.values())
+
+
+# Inits that load a whole text side (encoder and heads): their heads come from the folder.
+FULL_STUDENT_INITS = ("run", "sentence-transformers")
+STUDENT_INITS = ("scratch", "pretrained", "teacher", *FULL_STUDENT_INITS)
+
+
+def _check_images(cfg: RunConfig) -> None:
+    image_stages = [i for i, s in enumerate(cfg.stages) if s.data == "images"]
+    if not image_stages:
+        return
+    if cfg.student.vision is None:
+        raise ConfigError(f"stages.{image_stages[0]} trains on images but the student has no vision "
+                          "tower: add student.vision (kind, name; see configs/multimodal.yaml).")
+    if not cfg.images.train and not cfg.images.hub:
+        raise ConfigError(f"stages.{image_stages[0]} trains on images but none are given: set "
+                          "images.train (image-caption .jsonl files) or images.hub.")
+    v = cfg.student.vision
+    if v.projection not in ("pool", "linear") or v.tokens < 1:
+        raise ConfigError(f"student.vision: projection={v.projection!r} must be pool or linear and "
+                          f"tokens={v.tokens} positive.")
+
+
 def validate(cfg: RunConfig) -> None:
-    if not cfg.teachers:
+    if not cfg.stages:
+        raise ConfigError("No stages: add a 'stages:' list (see configs/default.yaml).")
+    if uses_teachers(cfg) and not cfg.teachers:
         raise ConfigError("No teachers: add a 'teachers:' list with name and path for each.")
     names = [t.name for t in cfg.teachers]
     if len(set(names)) != len(names):
         raise ConfigError(f"Teacher names must be unique, got {names}.")
-    if not cfg.data.corpus:
+    if not cfg.data.corpus and any(s.data == "text" for s in cfg.stages):
         raise ConfigError("data.corpus is empty: list one or more .txt or .jsonl files.")
-    if cfg.student.init not in ("scratch", "pretrained", "teacher"):
-        raise ConfigError(f"student.init={cfg.student.init!r}: use scratch, pretrained or teacher.")
+    if cfg.student.init not in STUDENT_INITS:
+        raise ConfigError(f"student.init={cfg.student.init!r}: use one of {', '.join(STUDENT_INITS)}.")
     if cfg.student.init != "scratch" and not cfg.student.path:
         raise ConfigError(f"student.init={cfg.student.init} needs student.path.")
     for head, dim in cfg.student.heads.items():
         if dim != "target" and not (isinstance(dim, int) and dim > 0):
             raise ConfigError(f"student.heads.{head}={dim!r}: use a positive int or 'target'.")
-    if not cfg.stages:
-        raise ConfigError("No stages: add a 'stages:' list (see configs/default.yaml).")
+    # A loaded text side brings its own heads, known once it is loaded (checked then).
+    heads = {} if cfg.student.init in FULL_STUDENT_INITS else cfg.student.heads
     for i, stage in enumerate(cfg.stages):
-        _check_stage(stage, cfg.student.heads, f"stages.{i}")
+        _check_stage(stage, heads, f"stages.{i}")
     stage_names = [s.name for s in cfg.stages]
     if len(set(stage_names)) != len(stage_names):
         raise ConfigError(f"Stage names must be unique (they name checkpoints), got {stage_names}.")
-    if cfg.export_head is not None and cfg.export_head not in cfg.student.heads:
+    if cfg.export_head is not None and heads and cfg.export_head not in heads:
         raise ConfigError(f"export_head={cfg.export_head!r} is not one of {list(cfg.student.heads)}.")
     if cfg.train.mixed_precision not in ("no", "fp16", "bf16"):
         raise ConfigError("train.mixed_precision must be no, fp16 or bf16.")
+    _check_images(cfg)
     _check_ranges(cfg)
 
 
@@ -378,12 +459,19 @@ def check_dims(cfg: RunConfig, head_dims: dict[str, int], target_dim: int) -> No
     """
     for i, stage in enumerate(cfg.stages):
         for head, terms in stage.heads.items():
+            if head not in head_dims:
+                raise ConfigError(f"stages.{i}.heads: unknown head '{head}'; the student's heads: "
+                                  f"{list(head_dims)}.")
             source = stage.targets.get(head, "teacher")
+            if source != "teacher" and source.removeprefix("self:") not in head_dims:
+                raise ConfigError(f"stages.{i}.targets.{head}={source!r}: no such head; the "
+                                  f"student's heads: {list(head_dims)}.")
             want = target_dim if source == "teacher" else head_dims[source.removeprefix("self:")]
-            if "cos" in terms and head_dims[head] != want:
+            pointwise = [t for t in ("cos", "nce") if t in terms]
+            if pointwise and head_dims[head] != want:
                 fix = "target" if source == "teacher" else want
                 raise ConfigError(
-                    f"stages.{i}.heads.{head}: 'cos' needs equal dims, but {head} has "
+                    f"stages.{i}.heads.{head}: '{pointwise[0]}' needs equal dims, but {head} has "
                     f"{head_dims[head]} and its target ({source}) has {want}. Use only sim/resim "
                     f"for this head, or set student.heads.{head}: {fix}."
                 )

@@ -4,6 +4,12 @@
 unchanged. One head is exported per folder (choose it with `head`); the Dense has no activation,
 exactly the student's linear head.
 
+A student with an image path also gets `image/` beside the text modules (config.json with the
+tower, projection and preprocessing; model.safetensors with the tower, projection and marker
+weights). `load_image_text_model(path)` loads both sides in one call: `encode_text(texts)` is
+the sentence-transformers model itself, `encode_image(paths or PIL images)` runs the image path
+into the same Transformer, Pooling, Dense and Normalize modules.
+
 Usage: python -m mtd.export RUN_OR_STUDENT_DIR OUT_DIR [--head NAME]
 """
 
@@ -18,7 +24,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mtd.student import Student, StudentError, load_student
+from mtd.io import atomic_write_json, read_json
+from mtd.models.student import Student, StudentError, load_student
+
+IMAGE_DIR = "image"
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +65,74 @@ def export_student(student: Student, tokenizer, out: str | Path, head: str, max_
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save(str(tmp))
+    if student.image is not None:
+        save_image_side(student, tmp / IMAGE_DIR, head)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     logger.info("Exported head %s (%d dims) to %s", head, student.head_dims[head], out)
     return out
+
+
+def save_image_side(student: Student, folder: Path, head: str) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in student.image.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"))
+    atomic_write_json(folder / "config.json", student.image.config() | {"head": head})
+
+
+class ImageTextModel:
+    """A sentence-transformers export plus its image side: one vector space for texts and images."""
+
+    def __init__(self, folder: str | Path, device: str | None = None):
+        from safetensors.torch import load_file
+        from sentence_transformers import SentenceTransformer
+
+        from mtd.models.projection import build_image_path
+        from mtd.models.vision import ImagePreprocess
+
+        folder = Path(folder)
+        config_path = folder / IMAGE_DIR / "config.json"
+        if not config_path.is_file():
+            raise StudentError(f"{folder} has no image side ({IMAGE_DIR}/config.json): it was exported "
+                               "from a text-only student. Train an image stage (data: images) first.")
+        self.text = SentenceTransformer(str(folder), device=device)
+        config = read_json(config_path)
+        self.image = build_image_path(config)
+        self.image.load_state_dict(load_file(str(folder / IMAGE_DIR / "model.safetensors")))
+        self.image.to(self.text.device).eval()
+        self.transform = ImagePreprocess.from_dict(config["preprocess"]).transform()
+
+    def encode_text(self, texts: list[str], batch_size: int = 64, **kwargs):
+        """(N, D) normalized float32, exactly SentenceTransformer(path).encode."""
+        return self.text.encode(texts, batch_size=batch_size, convert_to_numpy=True, **kwargs)
+
+    @torch.no_grad()
+    def encode_image(self, images, batch_size: int = 32, progress: bool = False):
+        """Paths or PIL images -> (N, D) normalized float32 vectors in the text vectors' space."""
+        import numpy as np
+        from tqdm.auto import tqdm
+
+        from mtd.data.images import open_image
+
+        out = []
+        transformer = self.text[0].auto_model
+        for start in tqdm(range(0, len(images), batch_size), disable=not progress, desc="encode images"):
+            batch = [im if hasattr(im, "convert") else open_image(im)
+                     for im in images[start:start + batch_size]]
+            pixels = torch.stack([self.transform(im.convert("RGB")) for im in batch]).to(self.text.device)
+            embeds, mask = self.image(pixels, transformer.get_input_embeddings())
+            features = {"token_embeddings": transformer(inputs_embeds=embeds, attention_mask=mask)
+                        .last_hidden_state, "attention_mask": mask}
+            for module in list(self.text)[1:]:  # Pooling, Dense, Normalize as exported
+                features = module(features)
+            out.append(features["sentence_embedding"].float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.text.get_embedding_dimension()), "float32")
+
+
+def load_image_text_model(folder: str | Path, device: str | None = None) -> ImageTextModel:
+    return ImageTextModel(folder, device)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -60,3 +60,19 @@ def one_thread():
 def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One target cache for every run (content-addressed by teacher and corpus, so sharing is safe)."""
     return tmp_path_factory.getbasetemp() / "shared-target-cache"
+
+
+@pytest.fixture
+def offline_datasets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """`datasets`, never reaching the network, caching under this test's tmp_path."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # Both libraries read these once, at import: set the values they use too.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache", raising=False)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
+    return datasets

@@ -1,4 +1,4 @@
-"""Tests for mtd.cache: the on-disk, resumable, validated teacher target cache."""
+"""Tests for mtd.targets.cache: the on-disk, resumable, validated teacher target cache."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mtd import teachers
-from mtd.cache import CacheError, build_teacher_cache, cached_targets, length_order, open_cache
 from mtd.config import TeacherConfig
 from mtd.io import hash_folder, hash_texts, read_json
+from mtd.targets import teachers
+from mtd.targets.cache import CacheError, build_teacher_cache, cached_targets, length_order, open_cache
 
 N_TEXTS = 100
 
@@ -46,7 +46,7 @@ def built(tiny_assets, texts, tmp_path_factory) -> Path:
 
 
 class CountingEncode:
-    """Stands in for mtd.teachers.encode: records each chunk's texts, optionally fails on call k."""
+    """Stands in for mtd.targets.teachers.encode: records each chunk's texts, optionally fails on call k."""
 
     def __init__(self, fail_on: int | None = None, exc: type[BaseException] = KeyboardInterrupt):
         self.real = teachers.encode

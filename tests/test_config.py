@@ -212,5 +212,5 @@ def test_resume_refuses_a_changed_config(tiny_config):
 
     saved = dump_config(tiny_config())
     check_resume(saved, tiny_config("train.max_steps_per_job=5", "eval.batch_size=8"))  # allowed
-    with pytest.raises(ConfigError, match=r"stages\.1\.lr: 0\.001 -> 0\.002.*name=NEW_NAME"):
+    with pytest.raises(ConfigError, match=r"stages\.1\.lr: 0\.003 -> 0\.002.*name=NEW_NAME"):
         check_resume(saved, tiny_config("stages.1.lr=2e-3"))

@@ -1,4 +1,4 @@
-"""Tests for mtd.data: corpus reading, the multi-teacher target, and the step-indexed sampler."""
+"""Tests for mtd.data.corpus: corpus reading, the multi-teacher target, and the step-indexed sampler."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtd.data import CorpusError, StepBatchSampler, TargetDataset, multi_teacher_target, read_corpus
+from mtd.data.corpus import CorpusError, StepBatchSampler, TargetDataset, multi_teacher_target, read_corpus
 
 
 def _write(path, lines, encoding="utf-8"):
@@ -32,14 +32,14 @@ def test_txt_and_jsonl_read_in_order(tmp_path):
 def test_blank_lines_skipped_and_counted(tmp_path, caplog):
     txt = _write(tmp_path / "a.txt", ["one", "", "   ", "two", "\t"])
     jsonl = _write(tmp_path / "b.jsonl", [json.dumps({"text": "three"}), "", json.dumps({"text": "  "})])
-    with caplog.at_level(logging.WARNING, logger="mtd.data"):
+    with caplog.at_level(logging.WARNING, logger="mtd.data.corpus"):
         c = read_corpus([txt, jsonl], shuffle=False)
     assert c.train == ["one", "two", "three"]
     assert "Skipped 5 blank lines" in caplog.text
 
 
 def test_no_blank_warning_for_clean_corpus(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="mtd.data"):
+    with caplog.at_level(logging.WARNING, logger="mtd.data.corpus"):
         read_corpus([_write(tmp_path / "a.txt", ["one", "two"])])
     assert "blank" not in caplog.text
 
@@ -89,7 +89,7 @@ def test_too_few_texts_for_dev_size(tmp_path):
 
 def test_max_chars_cuts_long_texts(tmp_path, caplog):
     path = _write(tmp_path / "a.txt", ["short", "x" * 50, "y" * 10])
-    with caplog.at_level(logging.WARNING, logger="mtd.data"):
+    with caplog.at_level(logging.WARNING, logger="mtd.data.corpus"):
         c = read_corpus([path], max_chars=10, shuffle=False)
     assert c.train == ["short", "x" * 10, "y" * 10]
     assert "Cut 1 texts longer than 10" in caplog.text

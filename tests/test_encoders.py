@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mtd.encoders import (
+from mtd.evaluation.specs import (
     ConcatEncoder,
     ModelSpecError,
     PrefixEncoder,
@@ -15,7 +15,7 @@ from mtd.encoders import (
     student_heads,
     with_prefixes,
 )
-from mtd.pipeline import run
+from mtd.training.pipeline import run
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mtd.evaluate import discover, retention_table
+from mtd.evaluation.suite import discover, retention_table
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-from mtd import pipeline
 from mtd.export import export_student, to_sentence_transformer
-from mtd.student import Student, StudentError, encode, load_student
+from mtd.models.student import Student, StudentError, encode, load_student
+from mtd.training import pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADS = {"fc1": 80, "fc16": 16, "fc3": 3}
@@ -133,7 +133,7 @@ def test_cli_exports_chosen_head_of_a_run(finished_run, tmp_path, texts):
 
 def test_export_refuses_to_replace_a_folder_that_is_not_a_model(tmp_path):
     from mtd.export import export_student
-    from mtd.student import StudentError
+    from mtd.models.student import StudentError
 
     precious = tmp_path / "models"
     precious.mkdir()

@@ -1,4 +1,4 @@
-"""Hub data sets (mtd.hub), offline: local folders that load_dataset reads exactly like hub repos."""
+"""Hub data sets (mtd.evaluation.hub), offline: local folders that load_dataset reads like hub repos."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mtd.hub import HubDataError, load_hub_beir, load_hub_sts
-from mtd.retrieval import RetrievalFormatError, load_beir
-from mtd.sts import StsFormatError, load_sts
+from mtd.evaluation.hub import HubDataError, load_hub_beir, load_hub_sts
+from mtd.evaluation.retrieval import RetrievalFormatError, load_beir
+from mtd.evaluation.sts import StsFormatError, load_sts
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -30,22 +30,6 @@ QUERIES = [
     {"_id": "q4", "text": "not judged"},
 ]
 QRELS = ["query-id\tcorpus-id\tscore", "q1\td1\t2", "q1\td2\t0", "q2\td2\t1", "q3\td3\t0", "q2\td2\t1"]
-
-
-@pytest.fixture
-def offline_datasets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """`datasets`, never reaching the network, caching under this test's tmp_path."""
-    datasets = pytest.importorskip("datasets")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    # Both libraries read these once, at import: set the values they use too.
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache", raising=False)
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
-    return datasets
 
 
 def _jsonl(path: Path, rows: list[dict]) -> None:

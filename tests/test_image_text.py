@@ -1,4 +1,4 @@
-"""Tests for mtd.image_text (offline; one test reads the shared coco_mini set if present)."""
+"""Tests for mtd.evaluation.image_text (offline; one test reads the shared coco_mini set if present)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mtd.image_text import (
+from mtd.evaluation.image_text import (
     ImageLoadError,
     ImageTextFormatError,
     ImageTextSet,
@@ -210,7 +210,7 @@ def test_load_images_skips_broken(tmp_path: Path, caplog: pytest.LogCaptureFixtu
     missing = tmp_path / "missing.jpg"
     paths = [good, truncated, missing, garbage, gray]
 
-    with caplog.at_level(logging.WARNING, logger="mtd.image_text"):
+    with caplog.at_level(logging.WARNING, logger="mtd.evaluation.image_text"):
         images, ok, problems = load_images(paths)
     assert ok.tolist() == [True, False, False, False, True]
     assert len(images) == 2 and all(im.mode == "RGB" and im.size == (64, 48) for im in images)

@@ -1,4 +1,4 @@
-"""Tests for mtd.losses: loop references, chunked vs full form, invariants, edge cases."""
+"""Tests for mtd.losses.terms: loop references, chunked vs full form, invariants, edge cases."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtd.losses import cosine_loss, relative_similarity_loss, similarity_loss
+from mtd.losses.terms import cosine_loss, relative_similarity_loss, similarity_loss
 
 MARGIN = 0.015
 

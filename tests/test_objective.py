@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mtd.losses import cosine_loss, relative_similarity_loss, similarity_loss
-from mtd.objective import Objective
+from mtd.losses.objective import Objective
+from mtd.losses.terms import cosine_loss, relative_similarity_loss, similarity_loss
 
 
 def _objective(**kw) -> Objective:

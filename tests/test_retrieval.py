@@ -1,4 +1,4 @@
-"""Tests for mtd.retrieval (offline; the one slow test needs the packaged all-MiniLM-L6-v2)."""
+"""Tests for mtd.evaluation.retrieval (offline; the one slow test needs the packaged all-MiniLM-L6-v2)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import faiss
 import numpy as np
 import pytest
 
-from mtd.retrieval import (
+from mtd.evaluation.retrieval import (
     BeirSet,
     RetrievalFormatError,
     build_index,
@@ -294,7 +294,7 @@ def _write_beir(
 
 
 def test_load_beir_joins_titles_and_skips_queries_without_positives(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="mtd.retrieval"):
+    with caplog.at_level(logging.INFO, logger="mtd.evaluation.retrieval"):
         data = load_beir(_write_beir(tmp_path / "toy"))
     assert data.name == "toy/test"
     assert data.corpus_ids == ["d1", "d2", "d3", "d4"]

@@ -1,4 +1,4 @@
-"""Tests for mtd.speed (offline; timing bounds are loose on purpose: the CPUs are shared)."""
+"""Tests for mtd.evaluation.speed (offline; timing bounds are loose on purpose: the CPUs are shared)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import mtd.speed as speed
-from mtd.speed import default_speed_texts, load_st_encoder, measure_speed, peak_memory_mb, speed_report
+import mtd.evaluation.speed as speed
+from mtd.evaluation.speed import (
+    default_speed_texts,
+    load_st_encoder,
+    measure_speed,
+    peak_memory_mb,
+    speed_report,
+)
 
 PER_CALL_S = 0.002
 PER_TEXT_S = 0.0001
@@ -66,7 +72,7 @@ def test_default_speed_texts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     texts = default_speed_texts()
     assert len(texts) == 1000 and all(t and "\n" not in t for t in texts)
     assert default_speed_texts(3) == texts[:3]
-    assert speed.SPEED_TEXTS == Path(speed.__file__).resolve().parents[1] / "data/wordnet/texts.txt"
+    assert speed.SPEED_TEXTS == Path(speed.__file__).resolve().parents[2] / "data/wordnet/texts.txt"
     small = tmp_path / "texts.txt"
     small.write_text("one\ntwo\n", encoding="utf-8")
     monkeypatch.setattr(speed, "SPEED_TEXTS", small)

@@ -1,4 +1,4 @@
-"""Tests for mtd.sts (offline; the one slow test needs the packaged all-MiniLM-L6-v2)."""
+"""Tests for mtd.evaluation.sts (offline; the one slow test needs the packaged all-MiniLM-L6-v2)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mtd.io import atomic_write_json
-from mtd.sts import (
+from mtd.evaluation.sts import (
     StsFormatError,
     StsSet,
     evaluate_sts,
@@ -23,6 +22,7 @@ from mtd.sts import (
     spearman_cosine,
     st_encoder,
 )
+from mtd.io import atomic_write_json
 
 DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertModel
 
-from mtd.student import (
+from mtd.models.student import (
     Student,
     StudentError,
     encode,

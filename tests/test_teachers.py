@@ -1,4 +1,4 @@
-"""Tests for mtd.teachers: finding, identifying, loading and running teachers."""
+"""Tests for mtd.targets.teachers: finding, identifying, loading and running teachers."""
 
 from __future__ import annotations
 
@@ -11,10 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from mtd import teachers
-from mtd.cache import build_teacher_cache, open_cache
 from mtd.config import TeacherConfig
-from mtd.teachers import TeacherError, load_teacher, pooling_of, resolve_model_folder, teacher_identity
+from mtd.targets import teachers
+from mtd.targets.cache import build_teacher_cache, open_cache
+from mtd.targets.teachers import (
+    TeacherError,
+    load_teacher,
+    pooling_of,
+    resolve_model_folder,
+    teacher_identity,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

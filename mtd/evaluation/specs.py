@@ -24,10 +24,12 @@ from typing import Protocol
 
 import numpy as np
 
+from mtd import config
 from mtd.errors import MtdError
 from mtd.io import atomic_save_npy, hash_folder, hash_texts, read_json
-from mtd.student import STUDENT_FILE, load_student
-from mtd.student import encode as student_encode
+from mtd.models.student import STUDENT_FILE, load_student
+from mtd.models.student import encode as student_encode
+from mtd.targets import teachers
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +86,26 @@ class SentenceTransformerEncoder:
 
 
 @dataclass
+class ImageTextEncoder(SentenceTransformerEncoder):
+    """An mtd export with an image side (image/): texts as sentence-transformers encodes them,
+    images through the image path into the same vector space (eval.py's image-text task)."""
+
+    _both: object = field(default=None, repr=False)
+
+    @property
+    def model(self):
+        if self._both is None:
+            from mtd.export import load_image_text_model
+
+            self._both = load_image_text_model(self.folder, self.device)
+        return self._both.text
+
+    def encode_images(self, images: list, batch_size: int = 32) -> np.ndarray:
+        self.model  # noqa: B018  (loads both sides)
+        return _normalize(self._both.encode_image(images, batch_size, progress=len(images) > batch_size))
+
+
+@dataclass
 class StudentHeadEncoder:
     """One head of an mtd student, encoded by mtd itself (heads beyond the exported one)."""
 
@@ -105,6 +127,30 @@ class StudentHeadEncoder:
         student, tokenizer, max_length = self._loaded
         return student_encode(student, tokenizer, texts, self.head, max_length, batch_size,
                               progress=len(texts) > batch_size)
+
+
+@dataclass
+class TeacherEncoder:
+    """A configured teacher (its pooling, prompt, max length, dtype) exactly as the target cache
+    runs it, so the report scores the vectors the student was trained on."""
+
+    name: str
+    cfg: config.TeacherConfig
+    _model: object = field(default=None, repr=False)
+
+    @cached_property
+    def folder(self) -> Path:
+        return teachers.resolve_model_folder(self.cfg.path)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        identity = teachers.teacher_identity(self.cfg, self.folder)
+        return hashlib.sha256(repr(sorted(identity.items())).encode()).hexdigest()
+
+    def encode(self, texts: list[str], role: str = "document", batch_size: int = 64) -> np.ndarray:
+        if self._model is None:
+            self._model = teachers.load_teacher(self.cfg, self.folder)
+        return _normalize(teachers.encode(self._model, texts, self.cfg))
 
 
 @dataclass
@@ -164,6 +210,8 @@ def _from_path(spec: str, name: str) -> Encoder:
         folder = folder / "final"
     if not (folder / "modules.json").is_file() and not (folder / "config.json").is_file():
         raise ModelSpecError(f"Model {spec!r}: {folder} holds no model (no modules.json/config.json).")
+    if (folder / "image" / "config.json").is_file():  # an mtd export with an image side
+        return ImageTextEncoder(name, folder)
     return SentenceTransformerEncoder(name, folder)
 
 

@@ -1,7 +1,13 @@
 """The Jasper training objective of one stage: loss terms per head, weighted, as a dict.
 
 Every term is returned under its own name ("fc1/cos", "fc256/sim", ...) so logs see each one;
-"loss" is the weighted total (Jasper: 10 cos + 200 sim + 20 resim).
+"loss" is the weighted total (Jasper: 10 cos + 200 sim + 20 resim), summed over heads, or averaged
+over heads in image stages (the paper's stage 4).
+
+Targets come as a dict by source: "teacher" (the multi-teacher target, (B, D_target)) and, in image
+stages, "self:HEAD" (the student's own HEAD vectors of the captions, computed by its frozen text
+side). A "self:HEAD" source not in the dict is the student's own output of HEAD for the same input
+(self-distillation of smaller heads in text stages).
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from mtd.config import StageConfig
-from mtd.losses import cosine_loss, relative_similarity_loss, similarity_loss
+from mtd.losses.terms import cosine_loss, info_nce_loss, relative_similarity_loss, similarity_loss
 
 
 @dataclass(frozen=True)
@@ -22,10 +28,12 @@ class Objective:
     margin: float = 0.015
     resim_chunk_size: int = 1024
     resim_samples: int | None = None
+    temperature: float = 0.05  # nce
+    average_heads: bool = False  # image stages: the heads' totals are averaged, not summed
 
     @classmethod
     def from_stage(cls, stage: StageConfig) -> Objective:
-        weights = {"cos": 10.0, "sim": 200.0, "resim": 20.0} | stage.weights
+        weights = {"cos": 10.0, "sim": 200.0, "resim": 20.0, "nce": 1.0} | stage.weights
         return cls(
             heads={h: tuple(t) for h, t in stage.heads.items()},
             targets=dict(stage.targets),
@@ -33,6 +41,8 @@ class Objective:
             margin=stage.margin,
             resim_chunk_size=stage.resim_chunk_size,
             resim_samples=stage.resim_samples,
+            temperature=stage.temperature,
+            average_heads=stage.data == "images",
         )
 
     @property
@@ -41,29 +51,33 @@ class Objective:
         sources = {t.removeprefix("self:") for t in self.targets.values() if t.startswith("self:")}
         return set(self.heads) | sources
 
-    def target_for(self, head: str, outputs: dict[str, torch.Tensor], teacher: torch.Tensor):
+    def target_for(self, head: str, outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]):
         source = self.targets.get(head, "teacher")
-        if source == "teacher":
-            return teacher
+        if source in targets:
+            return targets[source]
         return outputs[source.removeprefix("self:")].detach()  # the student's own vectors teach
 
     def __call__(
         self,
         outputs: dict[str, torch.Tensor],
-        teacher: torch.Tensor,
+        targets: dict[str, torch.Tensor] | torch.Tensor,
         generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
-        """outputs: {head: (B, D_head)}; teacher: (B, D_target) -> {term name: scalar}."""
+        """outputs: {head: (B, D_head)}; targets: {source: (B, D)} or the teacher target (B, D_target)
+        -> {term name: scalar}."""
+        if isinstance(targets, torch.Tensor):
+            targets = {"teacher": targets}
         terms: dict[str, torch.Tensor] = {}
-        total = teacher.new_zeros((), dtype=torch.float32)
+        device = next(iter(outputs.values())).device
+        total = torch.zeros((), dtype=torch.float32, device=device)
         # Float32 even under mixed precision: the margin (0.015) is a few bf16 steps wide.
-        with torch.autocast(device_type=teacher.device.type, enabled=False):
+        with torch.autocast(device_type=device.type, enabled=False):
             for head, names in self.heads.items():
-                s, t = outputs[head].float(), self.target_for(head, outputs, teacher).float()
+                s, t = outputs[head].float(), self.target_for(head, outputs, targets).float()
                 for name in names:
                     terms[f"{head}/{name}"] = value = self._term(name, s, t, generator)
                     total = total + self.weights[name] * value
-        terms["loss"] = total
+        terms["loss"] = total / len(self.heads) if self.average_heads else total
         return terms
 
     def _term(self, name: str, s: torch.Tensor, t: torch.Tensor, generator) -> torch.Tensor:
@@ -74,4 +88,6 @@ class Objective:
         if name == "resim":
             return relative_similarity_loss(s, t, margin=self.margin, chunk_size=self.resim_chunk_size,
                                             num_samples=self.resim_samples, generator=generator)
-        raise ValueError(f"Unknown loss term {name!r}; known: cos, sim, resim.")
+        if name == "nce":
+            return info_nce_loss(s, t, self.temperature)
+        raise ValueError(f"Unknown loss term {name!r}; known: cos, sim, resim, nce.")

@@ -1,8 +1,9 @@
-"""The student: a transformers encoder, mean pooling, and named fully connected heads.
+"""The student: a transformers encoder, mean pooling, and named fully connected heads, optionally
+with an image path (vision tower -> projection pool -> the same encoder; models/projection.py).
 
 A head maps the pooled hidden state to an output size: the multi-teacher target size ("fc1" in
-Jasper) or smaller sizes for dimension reduction. The student turns token ids into vectors and
-nothing else; losses and training live elsewhere.
+Jasper) or smaller sizes for dimension reduction. The student turns token ids or pixels into
+vectors and nothing else; losses and training live elsewhere.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from mtd.io import atomic_write_json, read_json
 logger = logging.getLogger(__name__)
 
 HEADS_FILE = "heads.safetensors"
+IMAGE_FILE = "image.safetensors"
 STUDENT_FILE = "student.json"
 
 
@@ -37,19 +39,30 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class Student(nn.Module):
-    def __init__(self, encoder: nn.Module, head_dims: dict[str, int]):
+    def __init__(self, encoder: nn.Module, head_dims: dict[str, int], image=None):
         super().__init__()
         self.encoder = encoder
         hidden = encoder.config.hidden_size
         self.heads = nn.ModuleDict({name: nn.Linear(hidden, dim) for name, dim in head_dims.items()})
+        self.image = image  # models.projection.ImagePath or None (text only)
 
     @property
     def head_dims(self) -> dict[str, int]:
         return {name: head.out_features for name, head in self.heads.items()}
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """(B, T) token ids -> {head: (B, D_head)} unnormalized vectors."""
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None,
+                vision_tokens: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """(B, T) token ids, (B, 3, H, W) pixels, or a frozen tower's (B, N, Dv) tokens
+        -> {head: (B, D_head)} unnormalized vectors."""
+        if pixel_values is not None or vision_tokens is not None:
+            if self.image is None:
+                raise StudentError("This student has no image path (student.vision is not set).")
+            embeds, attention_mask = self.image(pixel_values, self.encoder.get_input_embeddings(),
+                                                tokens=vision_tokens)
+            hidden = self.encoder(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        else:
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         pooled = mean_pool(hidden, attention_mask)  # (B, H)
         return {name: head(pooled) for name, head in self.heads.items()}
 
@@ -121,6 +134,44 @@ def build_encoder(
     return encoder, tokenizer
 
 
+def student_from_sentence_transformer(path: str | Path):
+    """(student, tokenizer) computing exactly a sentence-transformers model's vectors: its encoder,
+    mean pooling, and its Dense layer as head "fc1" (an identity head where it has none). The text
+    side that stage 4 can align images to when there is no mtd run."""
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = Path(path)
+    modules = read_json(folder / "modules.json") if (folder / "modules.json").is_file() else None
+    if modules is None:
+        raise StudentError(f"{folder} is not a sentence-transformers folder (no modules.json).")
+    kinds = {m["type"].rsplit(".", 1)[-1]: folder / m["path"] for m in modules}
+    pooling = read_json(kinds["Pooling"] / "config.json") if "Pooling" in kinds else {}
+    unknown = set(kinds) - {"Transformer", "Pooling", "Dense", "Normalize"}
+    mean = pooling.get("pooling_mode") == "mean" or pooling.get("pooling_mode_mean_tokens") is True
+    if not mean or unknown or len(modules) - len(kinds):
+        raise StudentError(f"{folder}: the student's text side is Transformer + mean Pooling + at most "
+                           f"one Dense (+ Normalize); this model has {[m['type'] for m in modules]}.")
+    encoder = AutoModel.from_pretrained(kinds["Transformer"], use_safetensors=True).float()
+    tokenizer = AutoTokenizer.from_pretrained(kinds["Transformer"])
+    hidden = encoder.config.hidden_size
+    if "Dense" in kinds:
+        dense = read_json(kinds["Dense"] / "config.json")
+        if not dense.get("activation_function", "").endswith("Identity"):
+            raise StudentError(f"{folder}: a Dense layer with {dense['activation_function']} is not "
+                               "a linear head; only identity-activation Dense layers can be heads.")
+        student = Student(encoder, {"fc1": int(dense["out_features"])})
+        state = {k.removeprefix("linear."): v.float()
+                 for k, v in load_file(str(kinds["Dense"] / "model.safetensors")).items()}
+        state.setdefault("bias", torch.zeros(int(dense["out_features"])))  # Dense(bias=False)
+        student.heads["fc1"].load_state_dict(state)
+    else:
+        student = Student(encoder, {"fc1": hidden})
+        with torch.no_grad():
+            student.heads["fc1"].weight.copy_(torch.eye(hidden))
+            student.heads["fc1"].bias.zero_()
+    return student, tokenizer
+
+
 def resolve_head_dims(heads: dict[str, Any], target_dim: int) -> dict[str, int]:
     return {name: target_dim if dim == "target" else int(dim) for name, dim in heads.items()}
 
@@ -134,9 +185,16 @@ def save_student(student: Student, tokenizer, folder: str | Path, max_length: in
     folder = Path(folder)
     student.encoder.save_pretrained(folder / "encoder", safe_serialization=True)
     tokenizer.save_pretrained(folder / "encoder")
-    state = {k: v.detach().contiguous().cpu() for k, v in student.heads.state_dict().items()}
-    save_file(state, str(folder / HEADS_FILE))
-    atomic_write_json(folder / STUDENT_FILE, {"heads": student.head_dims, "max_length": max_length})
+    save_file(_cpu_state(student.heads), str(folder / HEADS_FILE))
+    meta = {"heads": student.head_dims, "max_length": max_length}
+    if student.image is not None:
+        save_file(_cpu_state(student.image), str(folder / IMAGE_FILE))
+        meta["image"] = student.image.config()
+    atomic_write_json(folder / STUDENT_FILE, meta)  # written last: marks the folder complete
+
+
+def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
 
 
 def load_student(folder: str | Path):
@@ -147,8 +205,14 @@ def load_student(folder: str | Path):
     if not (folder / STUDENT_FILE).is_file():
         raise StudentError(f"{folder} is not an mtd student folder (no {STUDENT_FILE}).")
     meta = read_json(folder / STUDENT_FILE)
-    encoder = AutoModel.from_pretrained(folder / "encoder", use_safetensors=True)
-    student = Student(encoder, meta["heads"])
+    encoder = AutoModel.from_pretrained(folder / "encoder", use_safetensors=True).float()
+    image = None
+    if "image" in meta:
+        from mtd.models.projection import build_image_path
+
+        image = build_image_path(meta["image"])
+        image.load_state_dict(load_file(str(folder / IMAGE_FILE)))
+    student = Student(encoder, meta["heads"], image)
     student.heads.load_state_dict(load_file(str(folder / HEADS_FILE)))
     tokenizer = AutoTokenizer.from_pretrained(folder / "encoder")
     return student, tokenizer, int(meta["max_length"])
@@ -184,12 +248,26 @@ def encode(
     return out
 
 
+def vision_parts(mode: str) -> list[str]:
+    """"vision" -> every part of the image path; "vision:projection,markers" -> those parts."""
+    named = mode.removeprefix("vision").removeprefix(":")
+    return named.split(",") if named else ["tower", "projection", "markers"]
+
+
 def set_trainable(student: Student, mode: str, heads: list[str]) -> list[str]:
-    """Freeze all but the stage's part: "heads", "all", or "last:K" (heads + last K layers).
+    """Freeze all but the stage's part: "heads", "all", or "last:K" (heads + last K layers); or in
+    image stages "vision[:PARTS]" (only the image path: the text side, heads included, stays frozen).
 
     Returns the names of the trainable parameters. Heads a stage does not name stay frozen.
     """
     student.requires_grad_(False)
+    if mode.startswith("vision"):
+        if student.image is None:
+            raise StudentError(f"train={mode} but the student has no image path (student.vision).")
+        for part in vision_parts(mode):
+            student.image.parts()[part].requires_grad_(True)
+        return [n for n, p in student.named_parameters() if p.requires_grad]
+
     for name in heads:
         student.heads[name].requires_grad_(True)
     if mode == "all":
@@ -207,3 +285,14 @@ def set_trainable(student: Student, mode: str, heads: list[str]) -> list[str]:
         # Mean pooling never reads the [CLS] pooler; trainable, DDP would wait for its gradients.
         student.encoder.pooler.requires_grad_(False)
     return [n for n, p in student.named_parameters() if p.requires_grad]
+
+
+def set_train_mode(student: nn.Module, mode: str) -> None:
+    """student.train(), but frozen feature extractors in eval mode: no dropout noise on frozen
+    features, and a frozen CNN tower's BatchNorm keeps its running statistics."""
+    student.train()
+    if mode == "heads" or mode.startswith("vision"):
+        student.encoder.eval()
+        student.heads.eval()
+    if student.image is not None and (not mode.startswith("vision") or "tower" not in vision_parts(mode)):
+        student.image.tower.eval()

@@ -6,8 +6,8 @@
 
 A data set is read with ``datasets.load_dataset``, so NAME may also be a local folder laid out like
 a hub repo (data files, and a README.md whose YAML ``configs:`` map configs to files). The records
-then go through the same rules as the folder loaders (:func:`mtd.sts.load_sts`,
-:func:`mtd.retrieval.load_beir`); errors name ``<name>/<part>`` and the row (from 1).
+then go through the same rules as the folder loaders (:func:`mtd.evaluation.sts.load_sts`,
+:func:`mtd.evaluation.retrieval.load_beir`); errors name ``<name>/<part>`` and the row (from 1).
 ``datasets`` is imported only here, when a hub set is asked for.
 """
 
@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from mtd import sts
 from mtd.errors import MtdError
-from mtd.retrieval import BeirSet, BeirSources, Record, RetrievalFormatError, beir_from_records
-from mtd.sts import StsFormatError, StsSet
+from mtd.evaluation import sts
+from mtd.evaluation.retrieval import BeirSet, BeirSources, Record, RetrievalFormatError, beir_from_records
+from mtd.evaluation.sts import StsFormatError, StsSet
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def _check_columns(columns: Sequence[str], needed: Sequence[str], error: type[Va
 def load_hub_sts(name: str, split: str = "test") -> StsSet:
     """The ``split`` of hub STS set ``name`` (columns sentence1, sentence2, score).
 
-    Sentences must be strings and scores finite numbers, as in :func:`mtd.sts.load_sts`. The set
+    Sentences must be strings and scores finite numbers, as in :func:`mtd.evaluation.sts.load_sts`. The set
     is named ``"<name>/<split>"`` (a local folder: ``"<folder name>/<split>"``).
 
     Raises:
@@ -132,7 +132,8 @@ def load_hub_beir(name: str, split: str = "test") -> BeirSet:
     Raises:
         ImportError: ``datasets`` is not installed.
         HubDataError: the data set, a config or the split cannot be loaded.
-        RetrievalFormatError: a column is missing or a record breaks :func:`mtd.retrieval.load_beir`'s
+        RetrievalFormatError: a column is missing or a record breaks
+            :func:`mtd.evaluation.retrieval.load_beir`'s
             rules (duplicate or unknown ids, non-integer score, no positive judgment...); the
             message names ``<name>/corpus``, ``<name>/queries`` or ``<name>/qrels/<split>`` and the row.
     """

@@ -122,3 +122,13 @@ def relative_similarity_loss(
     keep = tt[a] > tt[b]
     hinge = torch.where(keep, (ss[b] - ss[a] + margin).clamp_min(0), 0)
     return hinge.sum() / keep.sum().clamp_min(1)
+
+
+def info_nce_loss(student: Tensor, target: Tensor, temperature: float = 0.05) -> Tensor:
+    """Symmetric InfoNCE (CLIP-style) between rows: student i must pick target i among the batch's
+    targets, and target i student i. Logits are cosines / temperature; needs equal dims."""
+    _check_batch(student, target)
+    s, t = _normalize(student), _normalize(target)
+    logits = s @ t.T / temperature  # (B, B)
+    labels = torch.arange(len(s), device=s.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))

@@ -5,7 +5,7 @@ and documents with any ``encode(list[str]) -> np.ndarray`` callables, searches a
 (exact, HNSW or IVF-PQ) on L2-normalized vectors by inner product (= cosine similarity) and
 scores the top-k run with pytrec_eval: nDCG@10, MRR@10, Recall@1/10/100 and MAP@100, all x100 and
 averaged over the judged queries. :func:`beir_from_records` holds the loading rules, so a hub data
-set in MTEB's layout (:mod:`mtd.hub`) is validated exactly like a folder.
+set in MTEB's layout (:mod:`mtd.evaluation.hub`) is validated exactly like a folder.
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ __all__ = [
 Encode = Callable[[list[str], int], np.ndarray]
 T = TypeVar("T")
 
-SPEED_TEXTS = Path(__file__).resolve().parents[1] / "data" / "wordnet" / "texts.txt"
+SPEED_TEXTS = Path(__file__).resolve().parents[2] / "data" / "wordnet" / "texts.txt"
 MIB = 1024 * 1024
 
 

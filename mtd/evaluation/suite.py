@@ -5,7 +5,7 @@ Data is recognized by layout, so any folder in these conventions works:
     STS              <split>.jsonl|csv|tsv with sentence1, sentence2, score
     image-text       <split>.jsonl with image and captions
 Hub data sets in MTEB's STS and retrieval layouts are named explicitly, as (task, name) pairs
-(see mtd.hub); they are loaded once and scored next to the folders.
+(see mtd.evaluation.hub); they are loaded once and scored next to the folders.
 Each result is a row {model, task, dataset, metric, value, ...settings}; `main_metric` picks the
 number shown per dataset in the table (Spearman for STS, nDCG@10 for retrieval, as MTEB).
 """
@@ -21,8 +21,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from mtd import sts
-from mtd.encoders import Encoder, cached_encode, load_encoder
+from mtd.evaluation import sts
+from mtd.evaluation.specs import Encoder, cached_encode, load_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def discover(root: str | Path, split: str = "test") -> Datasets:
 
 def load_hub(hub: Sequence[tuple[str, str]], split: str) -> Datasets:
     """Each (task, name) of `hub` loaded once (task "sts" or "retrieval"); rows record hub=name."""
-    from mtd import hub as hub_sets
+    from mtd.evaluation import hub as hub_sets
 
     found = Datasets()
     for task, name in hub:
@@ -128,7 +128,7 @@ def run_sts(label: str, model: Encoder, sets: Sequence[Path | LoadedSet], batch_
 def run_retrieval(label: str, model: Encoder, sets: Sequence[Path | LoadedSet], *, split: str,
                   batch_size: int, index: str, cache_dir: Path | None) -> list[dict]:
     """`sets`: BEIR folders (read here, rows record folder=PATH) or loaded sets (e.g. from the hub)."""
-    from mtd import retrieval
+    from mtd.evaluation import retrieval
 
     rows = []
     for data, source in _each(sets, partial(retrieval.load_beir, split=split), "folder"):
@@ -148,7 +148,7 @@ def run_image_text(label: str, model: Encoder, paths: Sequence[Path]) -> list[di
         if paths:
             logger.info("%s: no image encoder, skipping image-text (%d sets).", label, len(paths))
         return []
-    from mtd import image_text
+    from mtd.evaluation import image_text
 
     rows = []
     for path in paths:
@@ -199,7 +199,7 @@ def _speed_encoder(specs: tuple[str, ...], label: str):
 
 def run_speed(specs: tuple[str, ...], labels: list[str], n_texts: int, batch_size: int) -> list[dict]:
     """Speed of each model in its own fresh process (clean peak memory), one after another."""
-    from mtd import speed
+    from mtd.evaluation import speed
 
     texts = speed.default_speed_texts(n_texts)
     rows = []

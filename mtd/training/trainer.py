@@ -19,10 +19,12 @@ import json
 import logging
 import math
 import shutil
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -31,13 +33,13 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from mtd.config import RunConfig, StageConfig, TrainConfig
-from mtd.data import StepBatchSampler, TargetDataset
-from mtd.distributed import gather_with_grad, world_size
+from mtd.config import StageConfig, TrainConfig
+from mtd.data.corpus import StepBatchSampler, TargetDataset
 from mtd.errors import MtdError
 from mtd.io import append_jsonl, atomic_write_json, atomic_write_text, read_json
-from mtd.objective import Objective
-from mtd.student import Student, set_trainable, tokenize
+from mtd.losses.objective import Objective
+from mtd.models.student import Student, set_train_mode, set_trainable, tokenize
+from mtd.training.distributed import gather_with_grad, world_size
 
 logger = logging.getLogger(__name__)
 
@@ -120,17 +122,32 @@ def stage_steps(stage: StageConfig, n_train: int, grad_accum: int) -> int:
     return max(1, math.ceil(stage.epochs * (n_train // stage.batch_size) / grad_accum))
 
 
-def _collate(dataset: TargetDataset, tokenizer, max_length: int, indices: list[int]):
+def collate_texts(dataset: TargetDataset, indices: list[int], *, tokenizer, max_length: int):
+    """Corpus rows -> ({input_ids, attention_mask}, {"teacher": (B, D_target)})."""
     texts, target = dataset.collate(indices)
-    return tokenize(tokenizer, texts, max_length), target
+    return tokenize(tokenizer, texts, max_length), {"teacher": target}
 
 
-def _forward_global(model, batch, target, heads: set[str], device):
+@dataclass
+class StageData:
+    """What a stage trains on: its datasets and how a list of rows becomes (inputs, targets).
+
+    collate(dataset, rows) -> ({model input: tensor}, {target source: (B, D)}); `sampler` orders
+    the rows (a pure function of the step, so resuming replays the same batches).
+    """
+
+    train: Any
+    dev: Any | None
+    collate: Callable
+    sampler: type[StepBatchSampler] = StepBatchSampler
+
+
+def _forward_global(model, inputs, targets, heads: set[str], device):
     """Student outputs and targets of the global batch: local rows gathered from every process."""
-    outputs = model(**{k: v.to(device) for k, v in batch.items()})
+    outputs = model(**{k: v.to(device, non_blocking=True) for k, v in inputs.items()})
     # Sorted: a set iterates in per-process hash order, and collectives must match across ranks.
     outputs = {h: gather_with_grad(outputs[h].float()) for h in sorted(heads)}
-    return outputs, gather_with_grad(target.to(device))
+    return outputs, {k: gather_with_grad(targets[k].to(device)) for k in sorted(targets)}
 
 
 class _TermMeans:
@@ -157,24 +174,28 @@ class _TermMeans:
 class StageRunner:
     """Trains one stage from `start` to its end (or to the job's step budget)."""
 
-    def __init__(self, accelerator, student: Student, tokenizer, cfg: RunConfig, index: int,
-                 train_ds: TargetDataset, dev_ds: TargetDataset | None, run_dir: Path):
-        self.acc, self.student, self.tokenizer = accelerator, student, tokenizer
-        self.stage, self.index, self.tcfg = cfg.stages[index], index, cfg.train
-        self.max_length, self.run_dir = cfg.student.max_length, run_dir
-        self.train_ds, self.dev_ds = train_ds, dev_ds
-        self.objective = Objective.from_stage(self.stage)
-        self.total = stage_steps(self.stage, len(train_ds), cfg.train.grad_accum)
+    def __init__(self, accelerator, student: Student, stage: StageConfig, index: int,
+                 tcfg: TrainConfig, data: Callable[[Student], StageData], n_train: int, run_dir: Path):
+        """data(student) builds the stage's data once the student holds this stage's start weights
+        (image stages read the frozen text side's caption vectors from it); n_train: its rows."""
+        self.acc, self.student, self.run_dir = accelerator, student, run_dir
+        self.stage, self.index, self.tcfg = stage, index, tcfg
+        self.make_data, self.data = data, None
+        self.objective = Objective.from_stage(stage)
+        self.total = stage_steps(stage, n_train, tcfg.grad_accum)
 
-    def _loader(self, dataset: TargetDataset, start: int, stop: int, seed: int, batch: int):
-        sampler = StepBatchSampler(len(dataset), batch, seed, start, stop,
-                                   self.acc.process_index, self.acc.num_processes)
-        collate = partial(_collate, dataset, self.tokenizer, self.max_length)
+    def _loader(self, start: int, stop: int, seed: int, batch: int):
+        dataset = self.data.train
+        sampler = self.data.sampler(len(dataset), batch, seed, start, stop,
+                                    self.acc.process_index, self.acc.num_processes)
         # Its own generator: iterating a DataLoader draws a base seed, which from the global RNG
         # would shift the dropout stream of a resumed run (restored RNG state, then one more draw).
         generator = torch.Generator().manual_seed(seed * 1_000_003 + start)
-        return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                                           num_workers=self.tcfg.num_workers, generator=generator)
+        workers = self.tcfg.num_workers
+        return torch.utils.data.DataLoader(
+            dataset, batch_sampler=sampler, collate_fn=partial(self.data.collate, dataset),
+            num_workers=workers, generator=generator, pin_memory=self.acc.device.type == "cuda",
+            persistent_workers=False, prefetch_factor=4 if workers else None)
 
     def _prepare(self):
         trainable = set_trainable(self.student, self.stage.train, list(self.stage.heads))
@@ -193,17 +214,16 @@ class StageRunner:
         if resume_from is not None:
             self.acc.load_state(str(resume_from))
             logger.info("Resumed stage %s at step %d from %s", self.stage.name, start, resume_from)
+        self.data = self.make_data(self.acc.unwrap_model(model))
         stop = self.total if step_budget is None else min(self.total, start + step_budget)
         accum = self.tcfg.grad_accum
-        loader = self._loader(self.train_ds, start * accum, stop * accum,
-                              self.tcfg.seed + 7919 * self.index, self.stage.batch_size)
+        loader = self._loader(start * accum, stop * accum, self.tcfg.seed + 7919 * self.index,
+                              self.stage.batch_size)
         bar = tqdm(total=self.total, initial=start, desc=f"stage {self.stage.name}",
                    disable=not self.acc.is_local_main_process)
         means = _TermMeans()
         step, micro = start, 0
-        model.train()
-        if self.stage.train == "heads":
-            self.acc.unwrap_model(model).encoder.eval()  # frozen features: no dropout noise
+        self._train_mode(model)
         for batch, target in loader:
             terms = self._micro_step(model, batch, target, step, micro)
             means.add(terms, 1 / accum)
@@ -221,6 +241,10 @@ class StageRunner:
         if end.done:
             _save_stage_end(self.acc, model, self.run_dir, end)
         return end
+
+    def _train_mode(self, model) -> None:
+        model.train()  # the wrapper too (DDP reads its own flag)
+        set_train_mode(self.acc.unwrap_model(model), self.stage.train)
 
     def _micro_step(self, model, batch, target, step: int, micro: int) -> dict[str, float]:
         sync = micro == self.tcfg.grad_accum - 1
@@ -266,17 +290,17 @@ class StageRunner:
     @torch.no_grad()
     def evaluate(self, model) -> dict[str, float]:
         """Mean of every loss term over the dev texts, in global batches like training."""
-        if self.dev_ds is None:
+        dev = self.data.dev
+        if dev is None:
             return {}
         world = self.acc.num_processes
-        batch = min(self.stage.batch_size, len(self.dev_ds) // world * world)
+        batch = min(self.stage.batch_size, len(dev) // world * world)
         if batch < 2 * world:
             return {}
-        was_training = model.training
         model.eval()
         totals: dict[str, float] = {}
-        n = len(self.dev_ds) // batch
-        collate = partial(_collate, self.dev_ds, self.tokenizer, self.max_length)
+        n = len(dev) // batch
+        collate = partial(self.data.collate, dev)
         for b in range(n):
             rows = list(range(b * batch, (b + 1) * batch))
             per = batch // world
@@ -285,9 +309,7 @@ class StageRunner:
                                               self.acc.device)
             for k, v in self.objective(outputs, target).items():
                 totals[k] = totals.get(k, 0.0) + float(v) / n
-        model.train(was_training)
-        if self.stage.train == "heads":
-            self.acc.unwrap_model(model).encoder.eval()
+        self._train_mode(model)
         return totals
 
     def _non_finite(self, step: int, terms: dict[str, torch.Tensor]) -> None:
@@ -323,10 +345,14 @@ def make_accelerator(tcfg: TrainConfig, run_dir: Path) -> Accelerator:
     return accelerator
 
 
-def train_stages(accelerator: Accelerator, student: Student, tokenizer, cfg: RunConfig,
-                 train_ds: TargetDataset, dev_ds: TargetDataset | None, resume: bool) -> bool:
-    """Run every stage not yet finished. Returns True when all stages are done."""
-    run_dir = cfg.run_dir
+def train_stages(accelerator: Accelerator, student: Student, stages: list[StageConfig],
+                 tcfg: TrainConfig, run_dir: Path, data_for: Callable[[int], tuple[Callable, int]],
+                 resume: bool) -> bool:
+    """Run every stage not yet finished. Returns True when all stages are done.
+
+    data_for(index) -> (data, n_train): a builder of stage `index`'s StageData from the student
+    (see StageRunner) and the number of its training rows.
+    """
     found = latest_checkpoint(run_dir) if resume else None
     pos = found[1] if found else Position()
     if found and found[1].done:
@@ -338,11 +364,11 @@ def train_stages(accelerator: Accelerator, student: Student, tokenizer, cfg: Run
             _truncate_log(run_dir / "log.jsonl", found[1])
         else:  # a fresh start: rows of an earlier attempt that never checkpointed do not belong
             (run_dir / "log.jsonl").unlink(missing_ok=True)
-    budget = cfg.train.max_steps_per_job
-    for index in range(pos.stage, len(cfg.stages)):
+    budget = tcfg.max_steps_per_job
+    for index in range(pos.stage, len(stages)):
         start = pos.step if index == pos.stage else 0
         resume_from = found[0] if found and not found[1].done and index == found[1].stage else None
-        runner = StageRunner(accelerator, student, tokenizer, cfg, index, train_ds, dev_ds, run_dir)
+        runner = StageRunner(accelerator, student, stages[index], index, tcfg, *data_for(index), run_dir)
         end = runner.run(start, resume_from, budget)
         if not end.done:
             logger.info("Stopped after the job's step budget (train.max_steps_per_job); "
@@ -350,7 +376,7 @@ def train_stages(accelerator: Accelerator, student: Student, tokenizer, cfg: Run
             return False
         if budget is not None:
             budget -= end.step - start
-            if budget <= 0 and index + 1 < len(cfg.stages):
+            if budget <= 0 and index + 1 < len(stages):
                 return False
     return True
 

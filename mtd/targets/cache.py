@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from mtd import teachers
 from mtd.config import TeacherConfig
 from mtd.errors import MtdError
 from mtd.io import atomic_write_json, hash_texts, read_json
+from mtd.targets import teachers
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Teachers and the target cache: every teacher encodes a corpus once, to disk, before training."""

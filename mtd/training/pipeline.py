@@ -1,0 +1,205 @@
+"""A whole run: corpus -> teacher target caches -> student -> stages -> export -> report.
+
+`run(cfg)` is what train.py calls; every step is a function of its own so notebooks can call
+the pieces (e.g. `load_corpus` and `build_targets` to study a corpus's targets). Text stages train
+on the corpus; image stages (Jasper stage 4) on image-caption pairs, each image's target coming
+from its captions (teacher targets through the same cache, or the student's own text vectors).
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+from accelerate.utils import set_seed
+from safetensors.torch import load_file
+
+from mtd.config import RunConfig, check_dims, check_resume, dump_config
+from mtd.data import images
+from mtd.data.corpus import Corpus, TargetDataset, multi_teacher_target, read_corpus
+from mtd.evaluation import report
+from mtd.export import export_student
+from mtd.io import atomic_write_text
+from mtd.models.projection import ImagePath, special_ids
+from mtd.models.student import (
+    Student,
+    build_encoder,
+    encode,
+    load_student,
+    resolve_head_dims,
+    save_student,
+    student_from_sentence_transformer,
+    vision_parts,
+)
+from mtd.models.vision import build_tower
+from mtd.synthetic import make_tiny_assets, make_tiny_image_assets
+from mtd.targets import cache
+from mtd.targets.teachers import resolve_model_folder
+from mtd.training.trainer import (
+    StageData,
+    check_run_dir,
+    collate_texts,
+    latest_checkpoint,
+    make_accelerator,
+    train_stages,
+)
+
+logger = logging.getLogger(__name__)
+
+MAX_TOKEN_CACHE_BYTES = 4 << 30  # a frozen tower's tokens are kept in memory below this size
+
+
+def load_corpus(cfg: RunConfig) -> Corpus:
+    d = cfg.data
+    return read_corpus(d.corpus, text_field=d.text_field, max_texts=d.max_texts,
+                       dev_size=d.dev_size, max_chars=d.max_chars, shuffle=d.shuffle, seed=d.seed)
+
+
+def build_student(cfg: RunConfig, target_dim: int | None) -> tuple[Student, object]:
+    """The configured student; with student.vision, an image path around a new tower."""
+    s = cfg.student
+    path = s.path if s.init == "scratch" or s.path is None else str(
+        resolve_model_folder(s.path, what="student"))
+    if s.init == "run":
+        folder = Path(path) / "student" if (Path(path) / "student").is_dir() else Path(path)
+        student, tokenizer, _ = load_student(folder)
+    elif s.init == "sentence-transformers":
+        student, tokenizer = student_from_sentence_transformer(path)
+    else:
+        encoder, tokenizer = build_encoder(s.init, path, s.layers, s.model_config, s.trust_remote_code)
+        student = Student(encoder, resolve_head_dims(s.heads, target_dim or 0))
+    if s.vision is not None and student.image is None:
+        v = s.vision
+        tower = build_tower(v.kind, v.name, v.pretrained, v.model_config, v.trust_remote_code)
+        student.image = ImagePath(tower, student.encoder.config.hidden_size, v.tokens, v.projection,
+                                  *special_ids(tokenizer))
+    return student, tokenizer
+
+
+def _prepare_run(cfg: RunConfig, resume: bool):
+    run_dir = cfg.run_dir
+    check_run_dir(run_dir, resume)
+    accelerator = make_accelerator(cfg.train, run_dir)
+    saved = run_dir / "config.yaml"
+    if resume and saved.is_file() and latest_checkpoint(run_dir) is not None:
+        check_resume(saved.read_text(encoding="utf-8"), cfg)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(saved, dump_config(cfg))
+        if cfg.synthetic_assets:
+            make_tiny_assets(cfg.synthetic_assets)
+            if any(s.data == "images" for s in cfg.stages):
+                make_tiny_image_assets(Path(cfg.synthetic_assets) / "images")
+    accelerator.wait_for_everyone()
+    if cfg.train.report_to:
+        accelerator.init_trackers(cfg.name, config={"config": dump_config(cfg)})
+    return accelerator
+
+
+def _teacher_arrays(cfg: RunConfig, texts: list[str], accelerator) -> list[np.ndarray]:
+    return cache.cached_targets(
+        cfg.teachers, texts, cfg.cache_dir, chunk_size=cfg.cache_chunk_size,
+        rank=accelerator.process_index, world_size=accelerator.num_processes,
+        barrier=accelerator.wait_for_everyone, device=str(accelerator.device),
+    )
+
+
+def load_image_captions(cfg: RunConfig) -> images.ImageCaptions:
+    """The training image-caption pairs, images that do not decode dropped (and logged)."""
+    i = cfg.images
+    if i.hub:
+        data = images.read_hub_set(i.hub, i.hub_split, i.image_column, i.caption_column)
+    else:
+        data = images.read_jsonl_sets(i.train)
+    if i.max_images is not None:
+        keep = data.owner < i.max_images
+        data = images.ImageCaptions(data.images[: i.max_images], [c for c, k in zip(
+            data.captions, keep, strict=True) if k], data.owner[keep], data.load, data.name)
+    return images.keep_decodable(data)
+
+
+def _caption_targets(cfg: RunConfig, pairs: images.ImageCaptions, accelerator) -> np.ndarray | None:
+    """(N_captions, D_target) multi-teacher targets of the captions, if an image stage learns them:
+    the captions go through the target cache like any corpus."""
+    wanted = any(s.data == "images" and s.targets.get(h, "teacher") == "teacher"
+                 for s in cfg.stages for h in s.heads)
+    if not wanted:
+        return None
+    arrays = _teacher_arrays(cfg, pairs.captions, accelerator)
+    return multi_teacher_target(arrays, [t.weight for t in cfg.teachers]).numpy()
+
+
+def image_stage_data(cfg: RunConfig, index: int, data: images.ImageCaptions,
+                     teacher_target: np.ndarray | None, tokenizer, student: Student) -> StageData:
+    """Stage `index`'s image batches. self:HEAD targets are the student's HEAD vectors of the
+    captions, computed here from its text side, which image stages keep frozen."""
+    stage = cfg.stages[index]
+    targets = {"teacher": teacher_target} if teacher_target is not None else {}
+    for source in sorted({t for t in stage.targets.values() if t.startswith("self:")}):
+        logger.info("Stage %s: encoding %d captions with the student's %s head (its own targets).",
+                    stage.name, len(data.captions), source)
+        targets[source] = encode(student, tokenizer, data.captions, source.removeprefix("self:"),
+                                 cfg.student.max_length, progress=True)
+    transform = student.image.tower.preprocess.transform()
+    dataset = images.ImageCaptionDataset(data, targets, transform, stage.captions,
+                                         seed=cfg.train.seed + 7919 * index)
+    tower = student.image.tower
+    size = len(dataset) * tower.width * student.image.projection.tokens * 4  # at least; N >= K
+    if "tower" not in vision_parts(stage.train) and size < MAX_TOKEN_CACHE_BYTES:
+        dataset.tokens = images.tower_tokens(dataset, tower)  # a frozen tower's tokens never change
+    return StageData(dataset, None, images.ImageCaptionDataset.collate, images.StepTaggedSampler)
+
+
+def run(cfg: RunConfig, resume: bool = False) -> Path:
+    """Train every stage of `cfg` (resuming if asked), export, report. Returns the run folder."""
+    run_dir = cfg.run_dir
+    accelerator = _prepare_run(cfg, resume)
+    text_stages = any(s.data == "text" for s in cfg.stages)
+    corpus = load_corpus(cfg) if text_stages else Corpus([], [])
+    if text_stages:
+        logger.info("Corpus: %d training texts, %d dev texts.", len(corpus.train), len(corpus.dev))
+    arrays = _teacher_arrays(cfg, corpus.texts, accelerator) if text_stages and cfg.teachers else []
+    weights = [t.weight for t in cfg.teachers]
+    pairs = load_image_captions(cfg) if any(s.data == "images" for s in cfg.stages) else None
+    caption_target = _caption_targets(cfg, pairs, accelerator) if pairs is not None else None
+    target_dim = sum(a.shape[1] for a in arrays) if arrays else (
+        caption_target.shape[1] if caption_target is not None else None)
+    # The init must not depend on what ran before (building assets or caches draws random numbers,
+    # and only some runs or ranks do it): seed it, so equal configs start from equal students.
+    set_seed(cfg.train.seed)
+    student, tokenizer = build_student(cfg, target_dim)
+    check_dims(cfg, student.head_dims, target_dim or 0)
+
+    train_ds = TargetDataset(corpus.train, arrays, weights)
+    dev_ds = TargetDataset(corpus.dev, arrays, weights, offset=len(corpus.train)) if corpus.dev else None
+    text_data = StageData(train_ds, dev_ds, partial(collate_texts, tokenizer=tokenizer,
+                                                    max_length=cfg.student.max_length))
+
+    def data_for(index: int):
+        if cfg.stages[index].data == "text":
+            return (lambda _student: text_data), len(train_ds)
+        make = partial(image_stage_data, cfg, index, pairs, caption_target, tokenizer)
+        return make, len(pairs.images)
+
+    finished = train_stages(accelerator, student, cfg.stages, cfg.train, run_dir, data_for, resume)
+    accelerator.end_training()
+    if not finished or not accelerator.is_main_process:
+        return run_dir
+    # The last stage-end checkpoint holds full weights even where training sharded them (FSDP,
+    # DeepSpeed), so the saved student is rebuilt from it rather than taken from memory.
+    final_ckpt, _ = latest_checkpoint(run_dir)
+    set_seed(cfg.train.seed)
+    student, tokenizer = build_student(cfg, target_dim)
+    student.load_state_dict(load_file(str(final_ckpt / "model.safetensors")))
+    save_student(student, tokenizer, run_dir / "student", cfg.student.max_length)
+    head = cfg.export_head or next(iter(student.heads))
+    export_student(student, tokenizer, run_dir / "final", head, cfg.student.max_length)
+    e = cfg.eval
+    report.final_report(
+        run_dir, export_head=head, teachers=cfg.teachers, sts_dir=e.sts_dir, split=e.split,
+        batch_size=e.batch_size, score_teachers=e.teachers, cache_dir=Path(cfg.cache_dir),
+        dev_texts=corpus.dev, dev_targets=[np.asarray(a[len(corpus.train):]) for a in arrays],
+        image_eval=cfg.images.eval)
+    return run_dir
