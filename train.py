@@ -12,7 +12,7 @@ import logging
 import sys
 
 from mtd.config import ConfigError, load_config
-from mtd.errors import MtdError
+from mtd.errors import cli_main
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,24 +26,24 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         parser.error(str(e))
-    from mtd.evaluation.sts import format_table
     from mtd.training.pipeline import run  # after parsing: --help and config errors stay instant
 
-    try:
-        run_dir = run(cfg, resume=args.resume)
-    except MtdError as e:  # bad input: the message names the problem and the fix
-        logging.getLogger("train").error("%s", e)
-        return 2
+    return cli_main("train", lambda: _report(cfg.name, run(cfg, resume=args.resume)))
+
+
+def _report(name: str, run_dir) -> int:
+    from mtd.evaluation.sts import format_table
+
     results = run_dir / "results.json"
     if results.is_file():
         rows = json.loads(results.read_text())
         sts_rows = [r for r in rows if "spearman" in r]
         if sts_rows:
-            print(f"\n{cfg.name}: Spearman x100 (student export in {run_dir / 'final'})")
+            print(f"\n{name}: Spearman x100 (student export in {run_dir / 'final'})")
             print(format_table(sts_rows))
         for r in rows:
             if r.get("task") == "image-text":
-                print(f"\n{cfg.name}: image-text recall x100 on {r['dataset']} ({r['images']} images, "
+                print(f"\n{name}: image-text recall x100 on {r['dataset']} ({r['images']} images, "
                       f"{r['captions']} captions)")
                 print(" ".join(f"{k} {r[k]:.1f}" for k in sorted(r, key=_recall_order) if "@" in k))
     return 0
