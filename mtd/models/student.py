@@ -45,6 +45,10 @@ class Student(nn.Module):
         hidden = encoder.config.hidden_size
         self.heads = nn.ModuleDict({name: nn.Linear(hidden, dim) for name, dim in head_dims.items()})
         self.image = image  # models.projection.ImagePath or None (text only)
+        # Trainable weights are float32 whatever a checkpoint stores (transformers 5 keeps a
+        # float16 file's dtype): half-precision master weights lose small updates (NaN under
+        # bf16 autocast, dtype clashes without it). Mixed precision is Accelerate's autocast.
+        self.float()
 
     @property
     def head_dims(self) -> dict[str, int]:
