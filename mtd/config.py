@@ -89,6 +89,7 @@ class StageConfig:
     weights: dict[str, float] = field(
         default_factory=lambda: {"cos": 10.0, "sim": 200.0, "resim": 20.0, "nce": 1.0}
     )  # Jasper paper, section 3; nce (InfoNCE against the in-batch targets) only where listed
+    cos_reduction: str = "sum"  # cos over the batch: sum (the paper's formula) | mean (its code)
     margin: float = 0.015  # relative-similarity margin
     temperature: float = 0.05  # nce softmax temperature
     captions: str = "mean"  # images: target = mean of the captions' normalized targets | sample one
@@ -328,6 +329,8 @@ def _check_stage(stage: StageConfig, heads: dict[str, Any], where: str) -> None:
                 f"{where}.targets.{head}={target!r}: use 'teacher' or 'self:HEAD' "
                 f"with HEAD one of {list(heads)}."
             )
+    if stage.cos_reduction not in ("sum", "mean"):
+        raise ConfigError(f"{where}.cos_reduction={stage.cos_reduction!r}: use sum or mean.")
     if set(stage.weights) - set(LOSS_TERMS):
         raise ConfigError(f"{where}.weights: keys must be among {LOSS_TERMS}.")
 

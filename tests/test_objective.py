@@ -47,3 +47,27 @@ def test_unknown_term_is_refused():
     bad = Objective(heads={"fc1": ("cosine",)}, targets={}, weights={"cosine": 1.0})
     with pytest.raises(ValueError, match="Unknown loss term 'cosine'"):
         bad(outputs, teacher)
+
+
+def test_cos_mean_is_the_sum_over_the_batch_size():
+    outputs, teacher = _batch()
+    assert cosine_loss(outputs["fc1"], teacher, "mean").item() == pytest.approx(
+        cosine_loss(outputs["fc1"], teacher).item() / 16, rel=1e-6)
+    with pytest.raises(ValueError, match="sum or mean"):
+        cosine_loss(outputs["fc1"], teacher, "avg")
+
+
+def test_gradient_shares_are_each_terms_part_of_the_output_gradient():
+    outputs, teacher = _batch()
+    shares = _objective().gradient_shares(outputs, teacher)
+    assert set(shares) == {"fc1/cos", "fc1/sim", "fc1/resim", "fc8/sim", "fc8/resim"}
+    assert sum(shares.values()) == pytest.approx(1.0)
+    s = outputs["fc1"].clone().requires_grad_()
+    (g_cos,) = torch.autograd.grad(10 * cosine_loss(s, teacher), s)
+    (g_sim,) = torch.autograd.grad(200 * similarity_loss(s, teacher), s)
+    ratio = float(g_cos.norm() / g_sim.norm())
+    assert shares["fc1/cos"] / shares["fc1/sim"] == pytest.approx(ratio, rel=1e-5)
+    # Averaging cos over the batch divides its gradient by B: its share drops accordingly.
+    mean_shares = _objective(cos_reduction="mean").gradient_shares(outputs, teacher)
+    assert mean_shares["fc1/cos"] < shares["fc1/cos"] / 4
+    assert not any(v.requires_grad for v in outputs.values())  # measured on copies

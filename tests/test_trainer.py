@@ -125,7 +125,10 @@ def test_tiny_run_writes_everything_and_learns(config):
             assert r["stage_name"] == cfg.stages[stage].name
             assert all(math.isfinite(r[k]) for k in expected)
         for r in dev_rows(rows, stage):
-            assert set(r) - {"stage", "stage_name", "step"} == {f"dev/{t}" for t in expected - {"lr"}}
+            terms = expected - {"lr", "loss"}
+            assert set(r) - {"stage", "stage_name", "step"} == (
+                {f"dev/{t}" for t in terms | {"loss"}} | {f"dev/share/{t}" for t in terms})
+            assert sum(r[f"dev/share/{t}"] for t in terms) == pytest.approx(1.0)
         assert train[0]["lr"] > 0 and train[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine to 0
 
     # Learning: stage 1's loss falls, and stage 3 ends far below where stage 1 ended on dev texts.

@@ -25,16 +25,20 @@ def _check_batch(student: Tensor, target: Tensor) -> None:
         )
 
 
-def cosine_loss(student: Tensor, target: Tensor) -> Tensor:
-    """Sum over the batch of 1 - cos(s_x, t_x); student and target are (B, D), same D."""
+def cosine_loss(student: Tensor, target: Tensor, reduction: str = "sum") -> Tensor:
+    """1 - cos(s_x, t_x) summed over the batch (the paper's formula) or averaged (reduction="mean",
+    as the public Jasper code does); student and target are (B, D), same D."""
     _check_batch(student, target)
     if student.shape[1] != target.shape[1]:
         raise ValueError(
             f"cosine needs equal dims, got student {tuple(student.shape)} and target "
             f"{tuple(target.shape)}; use only sim/resim for heads of another size"
         )
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be sum or mean, got {reduction!r}")
     s, t = _normalize(student), _normalize(target)
-    return (1.0 - (s * t).sum(dim=-1)).sum()
+    per_row = 1.0 - (s * t).sum(dim=-1)
+    return per_row.sum() if reduction == "sum" else per_row.mean()
 
 
 def similarity_loss(student: Tensor, target: Tensor) -> Tensor:

@@ -307,8 +307,11 @@ class StageRunner:
             tokens, target = collate(rows[self.acc.process_index * per:][:per])
             outputs, target = _forward_global(model, tokens, target, self.objective.heads_used,
                                               self.acc.device)
-            for k, v in self.objective(outputs, target).items():
-                totals[k] = totals.get(k, 0.0) + float(v) / n
+            values = {k: float(v) for k, v in self.objective(outputs, target).items()}
+            # Which term drives training: its share of the gradient at the student's vectors.
+            values |= {f"share/{k}": v for k, v in self.objective.gradient_shares(outputs, target).items()}
+            for k, v in values.items():
+                totals[k] = totals.get(k, 0.0) + v / n
         self._train_mode(model)
         return totals
 
