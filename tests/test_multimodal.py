@@ -97,7 +97,7 @@ def test_stage4_gradients_reach_exactly_the_vision_parts_it_trains(tiny_assets, 
     student, _ = tiny_student(tiny_assets)
     names = set(set_trainable(student, mode, heads=["fc1", "fc8"]))
     assert names and all(n.startswith(tuple(trained)) for n in names)
-    set_train_mode(student, mode)
+    set_train_mode(student)
     objective = Objective(heads={"fc1": ("cos", "sim", "resim"), "fc8": ("sim", "resim", "nce")},
                           targets={"fc1": "self:fc1", "fc8": "self:fc8"}, weights={
                               "cos": 10.0, "sim": 200.0, "resim": 20.0, "nce": 1.0}, average_heads=True)
@@ -114,7 +114,7 @@ def test_frozen_cnn_tower_keeps_its_batchnorm_statistics(tiny_assets):
     student, _ = tiny_student(tiny_assets)
     student.image.tower = build_tower("timm", "efficientnet_lite0", model_config={})
     set_trainable(student, "vision:projection,markers", heads=[])
-    set_train_mode(student, "vision:projection,markers")
+    set_train_mode(student)
     before = {k: v.clone() for k, v in student.image.tower.state_dict().items() if "running" in k}
     student.image.tower(torch.randn(2, 3, 64, 64))
     after = {k: v for k, v in student.image.tower.state_dict().items() if "running" in k}

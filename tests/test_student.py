@@ -275,3 +275,33 @@ def test_encode_order_and_batching_independent(tokenizer):
 def test_load_student_rejects_other_folders(tmp_path):
     with pytest.raises(StudentError, match="student.json"):
         load_student(tmp_path)
+
+
+@pytest.mark.parametrize("mode, training_layers", [("heads", set()), ("last:1", {2}), ("all", {0, 1, 2})])
+def test_frozen_modules_run_in_eval_mode(mode, training_layers):
+    """No dropout noise on frozen features: frozen layers (under last:K too) run as at inference."""
+    from mtd.models.student import layer_list, set_train_mode
+
+    student = tiny_student()
+    set_trainable(student, mode, ["fc1"])
+    set_train_mode(student)
+    layers = layer_list(student.encoder)
+    assert {i for i, layer in enumerate(layers) if layer.training} == training_layers
+    for i, layer in enumerate(layers):
+        assert all(m.training == (i in training_layers) for m in layer.modules())
+    assert student.encoder.embeddings.training == (mode == "all")
+    assert student.heads["fc1"].training and not student.heads["fc16"].training
+
+
+def test_no_weight_decay_on_biases_and_norm_weights():
+    from mtd.training.trainer import make_optimizer
+
+    student = tiny_student()
+    set_trainable(student, "all", ["fc1"])
+    decay, no_decay = make_optimizer(student, 1e-3, 0.01).param_groups
+    names = {id(p): n for n, p in student.named_parameters()}
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    flat = {n for n, p in student.named_parameters()
+            if p.requires_grad and (n.endswith("bias") or "LayerNorm" in n)}
+    assert {names[id(p)] for p in no_decay["params"]} == flat
+    assert "heads.fc1.weight" in {names[id(p)] for p in decay["params"]}

@@ -291,12 +291,13 @@ def set_trainable(student: Student, mode: str, heads: list[str]) -> list[str]:
     return [n for n, p in student.named_parameters() if p.requires_grad]
 
 
-def set_train_mode(student: nn.Module, mode: str) -> None:
-    """student.train(), but frozen feature extractors in eval mode: no dropout noise on frozen
-    features, and a frozen CNN tower's BatchNorm keeps its running statistics."""
+def set_train_mode(student: nn.Module) -> None:
+    """student.train(), but every module whose parameters are all frozen in eval mode: frozen
+    features carry no dropout noise (frozen heads, lower layers under last:K, a frozen encoder
+    under heads or vision) and a frozen CNN tower's BatchNorm keeps its running statistics.
+    Call after set_trainable."""
     student.train()
-    if mode == "heads" or mode.startswith("vision"):
-        student.encoder.eval()
-        student.heads.eval()
-    if student.image is not None and (not mode.startswith("vision") or "tower" not in vision_parts(mode)):
-        student.image.tower.eval()
+    for module in student.modules():
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params):
+            module.eval()

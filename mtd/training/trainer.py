@@ -116,6 +116,16 @@ def _truncate_log(log_path: Path, pos: Position) -> None:
 # One stage
 
 
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, without weight decay on biases and norm weights (the
+    BERT and HF Trainer convention: pulling them toward 0 only distorts the features' scale)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW([
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ], lr=lr)
+
+
 def stage_steps(stage: StageConfig, n_train: int, grad_accum: int) -> int:
     if stage.steps is not None:
         return stage.steps
@@ -201,8 +211,7 @@ class StageRunner:
         trainable = set_trainable(self.student, self.stage.train, list(self.stage.heads))
         logger.info("Stage %s: training %d parameter tensors (%s) for %d steps.",
                     self.stage.name, len(trainable), self.stage.train, self.total)
-        params = [p for p in self.student.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.stage.lr, weight_decay=self.stage.weight_decay)
+        optimizer = make_optimizer(self.student, self.stage.lr, self.stage.weight_decay)
         scheduler = get_cosine_schedule_with_warmup(
             optimizer, int(self.stage.warmup_ratio * self.total), self.total)
         self.acc.free_memory()  # forget the previous stage's wrapped model and optimizer
@@ -244,7 +253,7 @@ class StageRunner:
 
     def _train_mode(self, model) -> None:
         model.train()  # the wrapper too (DDP reads its own flag)
-        set_train_mode(self.acc.unwrap_model(model), self.stage.train)
+        set_train_mode(self.acc.unwrap_model(model))
 
     def _micro_step(self, model, batch, target, step: int, micro: int) -> dict[str, float]:
         sync = micro == self.tcfg.grad_accum - 1
