@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
+import os
 import shutil
+import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -60,6 +65,21 @@ class CountingEncode:
         return self.real(model, chunk_texts, cfg)
 
 
+def _interrupted_fill(cfg: TeacherConfig, texts: list[str], root: Path, monkeypatch,
+                      fail_on: int = 3) -> Path:
+    """The folder of a fill killed (Ctrl-C) at encode call `fail_on`: chunks before it are finished."""
+    monkeypatch.setattr(teachers, "encode", CountingEncode(fail_on=fail_on))
+    with pytest.raises(KeyboardInterrupt):
+        build_teacher_cache(cfg, texts, root, chunk_size=32)
+    (folder,) = root.iterdir()
+    return folder
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` and its bytes: equal before and after means nothing was lost."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def _copy(folder: Path, tmp_path: Path) -> Path:
     dst = tmp_path / folder.parent.name / folder.name
     shutil.copytree(folder, dst)
@@ -70,7 +90,7 @@ def _copy(folder: Path, tmp_path: Path) -> Path:
 
 
 def test_round_trip_matches_sentence_transformers(built, tiny_assets, texts):
-    arr = open_cache(built, check_rows=N_TEXTS)
+    arr = open_cache(built, texts)
     assert isinstance(arr, np.memmap) and arr.dtype == np.float16 and arr.shape == (N_TEXTS, 32)
     ref = _reference(tiny_assets, "teacher_a", texts)
     np.testing.assert_allclose(np.asarray(arr, dtype=np.float32), ref, atol=2e-3, rtol=0)
@@ -97,37 +117,33 @@ def test_second_call_reuses_without_loading(built, tiny_assets, texts, monkeypat
     monkeypatch.setattr(teachers, "encode", boom)
     again = build_teacher_cache(_cfg(tiny_assets), texts, built.parent, chunk_size=32)
     assert again == built
-    open_cache(again, check_rows=N_TEXTS)
+    open_cache(again, texts)
 
 
 def test_changed_corpus_or_prompt_gets_a_new_folder(built, tiny_assets, texts, tmp_path):
     root = _copy(built, tmp_path).parent
     old = root / built.name
-    other_corpus = build_teacher_cache(_cfg(tiny_assets), texts[:-1] + ["a different text"], root,
-                                       chunk_size=32)
+    other_texts = texts[:-1] + ["a different text"]
+    other_corpus = build_teacher_cache(_cfg(tiny_assets), other_texts, root, chunk_size=32)
     prompted = build_teacher_cache(_cfg(tiny_assets, prompt="query: "), texts, root, chunk_size=32)
     assert len({old, other_corpus, prompted}) == 3
     assert sorted(p.name for p in root.iterdir()) == sorted(p.name for p in (old, other_corpus, prompted))
-    for folder in (old, other_corpus, prompted):
-        open_cache(folder, check_rows=N_TEXTS)  # the old one is untouched and still valid
-    np.testing.assert_array_equal(open_cache(old), open_cache(built))
+    for folder, corpus in ((old, texts), (other_corpus, other_texts), (prompted, texts)):
+        open_cache(folder, corpus)  # the old one is untouched and still valid
+    np.testing.assert_array_equal(open_cache(old, texts), open_cache(built, texts))
     # the prompt really reaches the teacher
-    p = np.asarray(open_cache(prompted), dtype=np.float32)
+    p = np.asarray(open_cache(prompted, texts), dtype=np.float32)
     np.testing.assert_allclose(p, _reference(tiny_assets, "teacher_a", texts, prompt="query: "), atol=2e-3)
-    assert np.abs(p - np.asarray(open_cache(old), dtype=np.float32)).max() > 1e-2
+    assert np.abs(p - np.asarray(open_cache(old, texts), dtype=np.float32)).max() > 1e-2
 
 
 def test_interrupted_fill_resumes_only_missing_chunks(built, tiny_assets, texts, tmp_path, monkeypatch):
     cfg = _cfg(tiny_assets)
-    failing = CountingEncode(fail_on=3)
-    monkeypatch.setattr(teachers, "encode", failing)
-    with pytest.raises(KeyboardInterrupt):
-        build_teacher_cache(cfg, texts, tmp_path, chunk_size=32)
-    (folder,) = tmp_path.iterdir()
+    folder = _interrupted_fill(cfg, texts, tmp_path, monkeypatch)
     assert read_json(folder / "manifest.json")["complete"] is False
     assert sorted(p.name for p in (folder / "chunks").iterdir()) == ["000000", "000001"]
     with pytest.raises(CacheError, match="incomplete"):
-        open_cache(folder)
+        open_cache(folder, texts)
 
     resumed = CountingEncode()
     monkeypatch.setattr(teachers, "encode", resumed)
@@ -135,21 +151,18 @@ def test_interrupted_fill_resumes_only_missing_chunks(built, tiny_assets, texts,
     again = build_teacher_cache(cfg, texts, tmp_path, chunk_size=32)
     assert again == folder
     assert resumed.calls == [_chunk(texts, 2), _chunk(texts, 3)]
-    np.testing.assert_array_equal(open_cache(folder, check_rows=N_TEXTS), open_cache(built))
+    np.testing.assert_array_equal(open_cache(folder, texts), open_cache(built, texts))
 
 
-def test_unreadable_unfinished_fill_starts_again(built, tiny_assets, texts, tmp_path, monkeypatch):
+def test_unreadable_unfinished_fill_stops_and_keeps_its_chunks(tiny_assets, texts, tmp_path, monkeypatch):
     cfg = _cfg(tiny_assets)
-    monkeypatch.setattr(teachers, "encode", CountingEncode(fail_on=2))
-    with pytest.raises(KeyboardInterrupt):
-        build_teacher_cache(cfg, texts, tmp_path, chunk_size=32)
-    (folder,) = tmp_path.iterdir()
+    folder = _interrupted_fill(cfg, texts, tmp_path, monkeypatch)
     (folder / "manifest.json").write_text('{"version": 1, "rows"', encoding="utf-8")  # cut short
-    counting = CountingEncode()
-    monkeypatch.setattr(teachers, "encode", counting)
-    assert build_teacher_cache(cfg, texts, tmp_path, chunk_size=32) == folder
-    assert len(counting.calls) == 4  # everything again
-    np.testing.assert_array_equal(open_cache(folder), open_cache(built))
+    before = _snapshot(folder)
+    monkeypatch.setattr(teachers, "load_teacher", _no_teacher)
+    with pytest.raises(CacheError, match=r"manifest.json unreadable .*left as they are\. Delete that folder"):
+        build_teacher_cache(cfg, texts, tmp_path, chunk_size=32)
+    assert _snapshot(folder) == before  # its 2 finished chunks are not thrown away
 
 
 def test_two_ranks_fill_alternate_chunks(built, tiny_assets, texts, tmp_path, monkeypatch):
@@ -170,7 +183,7 @@ def test_two_ranks_fill_alternate_chunks(built, tiny_assets, texts, tmp_path, mo
     # rank 0: chunks 0 and 2; then rank 1: chunks 1 and 3
     assert counting.calls == [_chunk(texts, c) for c in (0, 2, 1, 3)]
     assert read_json(folder / "manifest.json")["complete"] is True
-    np.testing.assert_array_equal(open_cache(folder, check_rows=N_TEXTS), open_cache(built))
+    np.testing.assert_array_equal(open_cache(folder, texts), open_cache(built, texts))
 
 
 def test_rank_0_alone_does_not_mark_a_two_rank_fill_complete(tiny_assets, texts, tmp_path):
@@ -213,73 +226,322 @@ def test_wrong_shape_from_teacher(tiny_assets, texts, tmp_path, monkeypatch):
         build_teacher_cache(_cfg(tiny_assets), texts, tmp_path, chunk_size=32)
 
 
-# --- corrupt caches are rejected by open_cache --------------------------------------------------------------
+# --- damaged caches: nothing is deleted, damaged chunks are named or encoded again alone -----------------
 
 
-def _rejects(folder: Path, match: str, **kw) -> None:
+def _no_teacher(*a, **k):
+    raise AssertionError("teacher loaded although the run must stop first")
+
+
+def _rows_of(texts: list[str], c: int, size: int = 32) -> np.ndarray:
+    """The corpus rows of cache chunk c, ascending."""
+    return np.sort(length_order(texts)[c * size : (c + 1) * size])
+
+
+def _edit_manifest(folder: Path, **changes) -> None:
+    m = read_json(folder / "manifest.json")
+    m.update(changes)
+    (folder / "manifest.json").write_text(json.dumps(m), encoding="utf-8")
+
+
+def _damage(folder: Path, texts: list[str], kind: str) -> list[int]:
+    """Damages a finished cache in place; returns the chunks hit. All but 'nan row' keep every row
+    a finite unit vector, which only the checksums can catch."""
+    one, two = _rows_of(texts, 1), _rows_of(texts, 2)
+    marker = folder / "chunks" / "000002"
+    arr = np.load(folder / "vectors.npy", mmap_mode="r+")
+    hit = [2]
+    if kind == "scrambled":
+        arr[one[[0, 1]]] = arr[one[[1, 0]]]
+        hit = [1]
+    elif kind == "duplicated":
+        arr[two[0]] = arr[two[1]]
+    elif kind == "sign-flipped":
+        arr[two[5]] *= -1
+    elif kind == "chunks swapped":
+        arr[one], arr[two] = arr[two], arr[one].copy()
+        hit = [1, 2]
+    elif kind == "nan row":
+        arr[two[3], 7] = np.nan
+    elif kind == "marker truncated":
+        marker.write_text(marker.read_text()[:10])
+    elif kind == "marker missing":
+        marker.unlink()
+    arr.flush()
+    del arr
+    return hit
+
+
+DAMAGE = ["scrambled", "duplicated", "sign-flipped", "chunks swapped", "nan row", "marker truncated",
+          "marker missing"]
+
+
+@pytest.mark.parametrize("kind", DAMAGE)
+def test_open_cache_names_damaged_chunks(built, texts, tmp_path, kind):
+    folder = _copy(built, tmp_path)
+    clean = _snapshot(folder)
+    hit = _damage(folder, texts, kind)
+    damaged = _snapshot(folder)
+    assert damaged != clean
+    with pytest.raises(CacheError, match=rf"{len(hit)} of 4 chunks fail verification \(chunk {hit[0]}: "
+                       r".*\)\. Run build_teacher_cache .* re-encodes just those chunks"):
+        open_cache(folder, texts)
+    assert _snapshot(folder) == damaged
+
+
+@pytest.mark.parametrize("kind", DAMAGE)
+def test_damaged_chunks_of_a_finished_cache_are_encoded_again_alone(
+    built, tiny_assets, texts, tmp_path, monkeypatch, caplog, kind
+):
+    folder = _copy(built, tmp_path)
+    hit = _damage(folder, texts, kind)
+    counting = CountingEncode()
+    monkeypatch.setattr(teachers, "encode", counting)
+    with caplog.at_level(logging.WARNING, logger="mtd.targets.cache"):
+        assert build_teacher_cache(_cfg(tiny_assets), texts, folder.parent, chunk_size=32) == folder
+    assert f"is finished but {len(hit)} of 4 chunks fail verification (chunk {hit[0]}: " in caplog.text
+    assert counting.calls == [_chunk(texts, c) for c in hit]  # the others are kept
+    np.testing.assert_array_equal(open_cache(folder, texts), open_cache(built, texts))
+
+
+def test_resume_encodes_again_a_finished_chunk_whose_rows_changed(
+    built, tiny_assets, texts, tmp_path, monkeypatch, caplog
+):
+    cfg = _cfg(tiny_assets)
+    folder = _interrupted_fill(cfg, texts, tmp_path, monkeypatch)
+    arr = np.load(folder / "vectors.npy", mmap_mode="r+")
+    arr[_rows_of(texts, 1)[4]] *= -1
+    arr.flush()
+    del arr
+    resumed = CountingEncode()
+    monkeypatch.setattr(teachers, "encode", resumed)
+    with caplog.at_level(logging.WARNING, logger="mtd.targets.cache"):
+        build_teacher_cache(cfg, texts, tmp_path, chunk_size=32)
+    assert "chunk 1 fails verification (rows do not match the checksum in its marker)" in caplog.text
+    assert resumed.calls == [_chunk(texts, c) for c in (1, 2, 3)]  # chunk 0 kept
+    np.testing.assert_array_equal(open_cache(folder, texts), open_cache(built, texts))
+
+
+def test_cache_from_before_checksums_is_reused(built, tiny_assets, texts, tmp_path, monkeypatch):
+    """Empty markers and no 'checksum' in the manifest: the rows' own check vouches for them."""
+    folder = _copy(built, tmp_path)
+    m = read_json(folder / "manifest.json")
+    del m["checksum"]
+    (folder / "manifest.json").write_text(json.dumps(m), encoding="utf-8")
+    for marker in (folder / "chunks").iterdir():
+        marker.write_text("")
+    counting = CountingEncode()
+    monkeypatch.setattr(teachers, "encode", counting)
+    build_teacher_cache(_cfg(tiny_assets), texts, folder.parent, chunk_size=32)
+    assert counting.calls == []
+    _damage(folder, texts, "nan row")
+    build_teacher_cache(_cfg(tiny_assets), texts, folder.parent, chunk_size=32)
+    assert counting.calls == [_chunk(texts, 2)]
+    np.testing.assert_array_equal(open_cache(folder, texts), open_cache(built, texts))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+UNTRUSTED = {
+    "manifest cut": (lambda f: (f / "manifest.json").write_bytes(b'{"complete": tr'),
+                     r"manifest.json unreadable \(.*\); its vectors and chunks are left as they are"),
+    "manifest binary": (lambda f: (f / "manifest.json").write_bytes(b"\xff\xfe\x00garbage"),
+                        "manifest.json unreadable"),
+    "manifest a list": (lambda f: (f / "manifest.json").write_bytes(b"[1, 2]"),
+                        "manifest.json unreadable .not an object with integer"),
+    "manifest missing": (lambda f: (f / "manifest.json").unlink(),
+                         "manifest.json is missing but 4 chunks are marked finished"),
+    "other corpus": (lambda f: _edit_manifest(f, corpus_sha256="0" * 64),
+                     r"manifest.json was written for another teacher or corpus \(corpus_sha256 differ"),
+    "other teacher": (lambda f: _edit_manifest(f, teacher=read_json(f / "manifest.json")["teacher"]
+                                               | {"weights_sha256": "0" * 64}),
+                      r"another teacher or corpus \(teacher differ"),
+    "vectors truncated": (lambda f: _truncate(f / "vectors.npy"), "vectors.npy unreadable"),
+    "vectors wrong dims": (lambda f: np.save(f / "vectors.npy", np.load(f / "vectors.npy")[:, :16]),
+                           r"vectors.npy is \(100, 16\) float16, manifest says \(100, 32\) float16"),
+}
+
+
+@pytest.mark.parametrize("finished", [True, False], ids=["finished", "unfinished"])
+@pytest.mark.parametrize("kind", list(UNTRUSTED))
+def test_untrusted_cache_stops_the_build_keeping_every_file(built, tiny_assets, texts, tmp_path,
+                                                              monkeypatch, kind, finished):
+    damage, match = UNTRUSTED[kind]
+    folder = _copy(built, tmp_path)
+    _edit_manifest(folder, complete=finished)
+    damage(folder)
+    before = _snapshot(folder)
+    monkeypatch.setattr(teachers, "load_teacher", _no_teacher)
     with pytest.raises(CacheError, match=match) as e:
-        open_cache(folder, **kw)
+        build_teacher_cache(_cfg(tiny_assets), texts, folder.parent, chunk_size=32)
+    assert f"Target cache {folder}: " in str(e.value)
+    assert str(e.value).endswith("Delete that folder to have it rebuilt (other caches and runs are not "
+                                 "affected).")
+    assert _snapshot(folder) == before
+
+
+def test_resume_with_another_dim_stops(tiny_assets, texts, tmp_path, monkeypatch):
+    cfg = _cfg(tiny_assets)
+    folder = _interrupted_fill(cfg, texts, tmp_path, monkeypatch, fail_on=2)
+    _edit_manifest(folder, dim=48)
+    np.save(folder / "vectors.npy", np.full((N_TEXTS, 48), np.nan, dtype=np.float16))
+    before = _snapshot(folder)
+    with pytest.raises(CacheError, match="manifest.json says dim 48, teacher teacher_a gives 32"):
+        build_teacher_cache(cfg, texts, tmp_path, chunk_size=32)
+    assert _snapshot(folder) == before
+
+
+def test_a_start_killed_before_its_manifest_starts_again(built, tiny_assets, texts, tmp_path):
+    """No manifest and no markers: nothing finished, so the placeholder is simply overwritten."""
+    folder = _copy(built, tmp_path)
+    (folder / "manifest.json").unlink()
+    for marker in (folder / "chunks").iterdir():
+        marker.unlink()
+    _truncate(folder / "vectors.npy")
+    build_teacher_cache(_cfg(tiny_assets), texts, folder.parent, chunk_size=32)
+    np.testing.assert_array_equal(open_cache(folder, texts), open_cache(built, texts))
+
+
+# --- full disk, read-only or wrong cache_dir ------------------------------------------------------------
+
+
+def test_too_little_free_space_is_refused_before_allocating(tiny_assets, texts, tmp_path, monkeypatch):
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=5000))
+    with pytest.raises(CacheError, match=r"100 x 32 float16 vectors need 10,496 bytes \(0\.0 MB\), but only "
+                       r"5,000 bytes \(0\.0 MB\) are free on that disk\. Free space there, or set cache_dir"):
+        build_teacher_cache(_cfg(tiny_assets), texts, tmp_path, chunk_size=32)
+    assert not list(tmp_path.rglob("vectors.npy"))
+
+
+def test_disk_full_while_writing_a_chunk_keeps_the_finished_ones(built, tiny_assets, texts, tmp_path,
+                                                                  monkeypatch):
+    real, writes = os.pwrite, []
+
+    def pwrite(fd, data, offset):
+        writes.append(offset)
+        if len(writes) > 2 * 32:  # chunks 0 and 1 (32 rows each) fit on the disk
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    with pytest.raises(CacheError, match=r"writing chunk 2 failed; the 2 chunks finished so far are kept\. "
+                       r"Cannot write .*teacher_a-\w+ \(No space left on device\): the disk is full"):
+        build_teacher_cache(_cfg(tiny_assets), texts, tmp_path, chunk_size=32)
+    monkeypatch.setattr(os, "pwrite", real)
+    (folder,) = tmp_path.iterdir()
+    assert sorted(p.name for p in (folder / "chunks").iterdir()) == ["000000", "000001"]
+    resumed = CountingEncode()
+    monkeypatch.setattr(teachers, "encode", resumed)
+    build_teacher_cache(_cfg(tiny_assets), texts, tmp_path, chunk_size=32)
+    assert resumed.calls == [_chunk(texts, 2), _chunk(texts, 3)]
+    np.testing.assert_array_equal(open_cache(folder, texts), open_cache(built, texts))
+
+
+def test_cache_dir_that_is_a_file(tiny_assets, texts, tmp_path, monkeypatch):
+    monkeypatch.setattr(teachers, "load_teacher", _no_teacher)
+    path = tmp_path / "cache"
+    path.write_text("my notes", encoding="utf-8")
+    with pytest.raises(CacheError, match=r"cache_dir: .*cache is a file, not a folder\. Set cache_dir to a "
+                       r"folder \(e\.g\. cache_dir=.*cache-cache\), or move the file"):
+        build_teacher_cache(_cfg(tiny_assets), texts, path, chunk_size=32)
+    assert path.read_text(encoding="utf-8") == "my notes"
+
+
+def _read_only(monkeypatch, code: int) -> None:
+    """Every new file fails as on a read-only disk (root writes through chmod, so it is simulated)."""
+    def refuse(*a, dir=None, **k):
+        raise OSError(code, os.strerror(code), str(dir))
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES])
+def test_read_only_cache_dir_stops_before_the_teacher_loads(tiny_assets, texts, tmp_path, monkeypatch, code):
+    monkeypatch.setattr(teachers, "load_teacher", _no_teacher)
+    _read_only(monkeypatch, code)
+    with pytest.raises(CacheError, match=rf"cache_dir {tmp_path} is not writable \({os.strerror(code)}: "
+                       rf"{tmp_path}\), .* set cache_dir to a writable folder"):
+        build_teacher_cache(_cfg(tiny_assets), texts, tmp_path, chunk_size=32)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder")
+def test_unwritable_cache_dir_for_real(tiny_assets, texts, tmp_path, monkeypatch):
+    monkeypatch.setattr(teachers, "load_teacher", _no_teacher)
+    tmp_path.chmod(0o500)
+    try:
+        with pytest.raises(CacheError, match=r"is not writable \(Permission denied"):
+            build_teacher_cache(_cfg(tiny_assets), texts, tmp_path, chunk_size=32)
+    finally:
+        tmp_path.chmod(0o700)
+
+
+def test_finished_cache_is_reused_from_a_read_only_cache_dir(built, tiny_assets, texts, tmp_path,
+                                                               monkeypatch):
+    folder = _copy(built, tmp_path)
+    monkeypatch.setattr(teachers, "load_teacher", _no_teacher)
+    _read_only(monkeypatch, errno.EROFS)
+    assert build_teacher_cache(_cfg(tiny_assets), texts, folder.parent, chunk_size=32) == folder
+
+
+# --- open_cache rejects what it can not read -----------------------------------------------------------
+
+
+def _rejects(folder: Path, texts: list[str], match: str) -> None:
+    with pytest.raises(CacheError, match=match) as e:
+        open_cache(folder, texts)
     msg = str(e.value)
     assert str(folder) in msg and "Delete that folder" in msg
 
 
-def test_open_cache_accepts_the_clean_copy(built, tmp_path):
-    open_cache(_copy(built, tmp_path), check_rows=N_TEXTS)  # the corruptions below are the cause
+def test_open_cache_accepts_the_clean_copy(built, texts, tmp_path):
+    open_cache(_copy(built, tmp_path), texts)  # the corruptions below are the cause
 
 
-def test_nan_row(built, tmp_path):
+@pytest.mark.parametrize(("row", "edit"), [(57, "nan"), (80, "double")])
+def test_bad_row_is_described(built, texts, tmp_path, row, edit):
     folder = _copy(built, tmp_path)
     arr = np.load(folder / "vectors.npy", mmap_mode="r+")
-    arr[57, 3] = np.nan
+    if edit == "nan":
+        arr[row, 3] = np.nan
+    else:
+        arr[row] *= 2
     arr.flush()
     del arr
-    _rejects(folder, r"1 rows are not finite unit vectors \(first: 57\)")
-
-
-def test_non_unit_row(built, tmp_path):
-    folder = _copy(built, tmp_path)
-    arr = np.load(folder / "vectors.npy", mmap_mode="r+")
-    arr[80] *= 2
-    arr.flush()
-    del arr
-    _rejects(folder, r"first: 80")
-
-
-def test_truncated_vectors(built, tmp_path):
-    folder = _copy(built, tmp_path)
-    path = folder / "vectors.npy"
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    _rejects(folder, "vectors.npy unreadable")
+    c = list(length_order(texts)).index(row) // 32
+    with pytest.raises(CacheError, match=rf"chunk {c}: rows do not match the checksum in its marker; 1 rows "
+                       rf"are not finite unit vectors \(first: row {row}\)"):
+        open_cache(folder, texts)
 
 
 @pytest.mark.parametrize("garbage", [b"", b"\x00\x01garbage" * 100, b"\x93NUMPY\x01\x00{bad header"])
-def test_garbage_vectors(built, tmp_path, garbage):
+def test_garbage_vectors(built, texts, tmp_path, garbage):
     folder = _copy(built, tmp_path)
     (folder / "vectors.npy").write_bytes(garbage)
-    _rejects(folder, "vectors.npy unreadable")
+    _rejects(folder, texts, "vectors.npy unreadable")
 
 
-def test_vectors_wrong_shape_or_dtype(built, tmp_path):
+def test_vectors_wrong_shape_or_dtype(built, texts, tmp_path):
     folder = _copy(built, tmp_path)
-    arr = np.array(open_cache(folder))  # a copy: the file is rewritten below
+    arr = np.array(open_cache(folder, texts))  # a copy: the file is rewritten below
     np.save(folder / "vectors.npy", arr[:, :16])
-    _rejects(folder, "manifest says")
+    _rejects(folder, texts, "manifest says")
     np.save(folder / "vectors.npy", arr.astype(np.float32))
-    _rejects(folder, "float32")
+    _rejects(folder, texts, "float32")
 
 
-def test_missing_vectors(built, tmp_path):
+def test_missing_vectors(built, texts, tmp_path):
     folder = _copy(built, tmp_path)
     (folder / "vectors.npy").unlink()
-    _rejects(folder, "vectors.npy unreadable")
+    _rejects(folder, texts, "vectors.npy unreadable")
 
 
-def test_incomplete_manifest(built, tmp_path):
+def test_incomplete_manifest(built, texts, tmp_path):
     folder = _copy(built, tmp_path)
-    m = read_json(folder / "manifest.json")
-    m["complete"] = False
-    (folder / "manifest.json").write_text(json.dumps(m), encoding="utf-8")
-    _rejects(folder, "incomplete")
+    _edit_manifest(folder, complete=False)
+    _rejects(folder, texts, "incomplete")
 
 
 @pytest.mark.parametrize(
@@ -287,18 +549,22 @@ def test_incomplete_manifest(built, tmp_path):
     [b'{"complete": tr', b"\xff\xfe\x00garbage", b"[1, 2]", b'{"complete": true}', None],
     ids=["cut", "binary", "list", "no-rows", "missing"],
 )
-def test_unreadable_manifest(built, tmp_path, content):
+def test_unreadable_manifest(built, texts, tmp_path, content):
     folder = _copy(built, tmp_path)
     if content is None:
         (folder / "manifest.json").unlink()
     else:
         (folder / "manifest.json").write_bytes(content)
-    _rejects(folder, "manifest")
+    _rejects(folder, texts, "manifest.json unreadable")
 
 
-def test_wrong_row_count(built, tmp_path):
-    folder = _copy(built, tmp_path)
-    _rejects(folder, f"has {N_TEXTS} rows, the corpus has {N_TEXTS + 1}", check_rows=N_TEXTS + 1)
+@pytest.mark.parametrize(("change", "match"), [
+    (lambda t: t + ["one more"], f"has {N_TEXTS} rows, the corpus has {N_TEXTS + 1}"),
+    (lambda t: t[:-1] + ["another text"], r"built for another corpus \(corpus_sha256 differs\)"),
+])
+def test_wrong_corpus(built, texts, tmp_path, change, match):
+    with pytest.raises(CacheError, match=match + r"\. Pass the texts it was built from"):
+        open_cache(built, change(texts))
 
 
 # --- cached_targets -----------------------------------------------------------------------------------------
