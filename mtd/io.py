@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -148,3 +149,71 @@ def jsonl_objects(
         if missing:
             raise error(path, f"missing key(s) {', '.join(map(repr, missing))}", line_no)
         yield line_no, record
+
+
+# What to do about a damaged weights file, whoever wrote it.
+WEIGHTS_FIX = ("restore it: re-export the student (python -m mtd.export RUN OUT), re-run "
+               "scripts/setup.sh for the models it installs under models/, or download the model again")
+
+
+class WeightsError(MtdError):
+    """A weights file that cannot be read (truncated, corrupt, missing); the message names it."""
+
+
+def damaged_safetensors(where: str | Path) -> list[str]:
+    """'PATH (reason)' for each .safetensors file at or under `where` whose header does not read.
+
+    safe_open checks the header against the file size, so a truncated copy is caught without
+    reading the tensors.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    where = Path(where)
+    files = [where] if where.is_file() else sorted(where.rglob("*.safetensors")) if where.is_dir() else []
+    bad = []
+    for path in files:
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            bad.append(f"{path} ({e})")
+    return bad
+
+
+def _weights_message(bad: list[str], fix: str) -> str:
+    return (f"Cannot read the weights in {', '.join(bad)}: the file is truncated or corrupt "
+            f"(an interrupted save, copy or download?). To fix, {fix}.")
+
+
+def check_safetensors(where: str | Path, fix: str = WEIGHTS_FIX) -> None:
+    """Raise WeightsError naming every damaged .safetensors file at or under `where` (cheap: headers)."""
+    bad = damaged_safetensors(where)
+    if bad:
+        raise WeightsError(_weights_message(bad, fix))
+
+
+@contextmanager
+def reading_weights(where: str | Path, fix: str = WEIGHTS_FIX) -> Iterator[None]:
+    """Around a library load of `where` (from_pretrained, SentenceTransformer(folder)...): a
+    safetensors error, which names no file, becomes a WeightsError naming the damaged ones."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as e:
+        bad = damaged_safetensors(where) or [f"a .safetensors file of {where} ({e})"]
+        raise WeightsError(_weights_message(bad, fix)) from None
+
+
+def load_safetensors(path: str | Path, fix: str = WEIGHTS_FIX) -> dict[str, Any]:
+    """safetensors.torch.load_file, with a missing or damaged file named in a WeightsError.
+
+    Every direct safetensors load in mtd goes through here (tests/test_layout.py checks).
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"Weights file {path} is missing. To fix, {fix}.")
+    with reading_weights(path, fix):
+        return load_file(str(path))
