@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from mtd.errors import MtdError
+from mtd.errors import MtdError, explain_os_error
 
 # Files that decide what a model computes; READMEs and OS clutter do not.
 _MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".json", ".txt", ".model", ".py")
@@ -74,6 +76,54 @@ def atomic_save_npy(path: str | Path, array: Any) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+class OutputError(MtdError):
+    """An output path that cannot be written; the message names it and says what to do."""
+
+
+def _cannot_write(path: Path, err: OSError) -> str:
+    return explain_os_error(err) or f"Cannot write {path} ({err})."
+
+
+def check_writable(path: str | Path, what: str) -> None:
+    """Fail now, before any work, when the file `path` could not be written later: its folder is
+    created and a probe file written and removed there (permission bits alone lie for root)."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{what} {path} is a folder; give a file name, e.g. {path / 'results.json'}.")
+    blocker = next(p for p in path.parents if p.exists())
+    if not blocker.is_dir():
+        raise OutputError(f"{what} {path}: {blocker} is a file, not a folder. Choose another path.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"{what} {path}: {_cannot_write(path, e)} Choose a writable path; nothing "
+                          "was computed yet.") from None
+
+
+def write_json_or_fallback(path: str | Path, obj: Any, what: str) -> None:
+    """atomic_write_json, but results that took long to compute are never lost to a failed write:
+    they go to a file in the system temp folder (failing that, into the log), and the
+    OutputError says where."""
+    path = Path(path)
+    try:
+        atomic_write_json(path, obj)
+        return
+    except OSError as e:
+        reason = _cannot_write(path, e)
+    fallback = Path(tempfile.gettempdir()) / f"{path.stem}-{os.getpid()}-{int(time.time())}.json"
+    try:
+        atomic_write_json(fallback, obj)
+    except OSError:
+        logging.getLogger(__name__).error("The %s, which could not be saved:\n%s", what,
+                                          json.dumps(obj, indent=2, sort_keys=True))
+        raise OutputError(f"{reason} The {what} could not be saved anywhere: they are in the log "
+                          "above.") from None
+    raise OutputError(f"{reason} The {what} are saved in {fallback} instead: move them from there.")
 
 
 def read_json(path: str | Path) -> Any:
