@@ -164,3 +164,12 @@ def test_loading_a_truncated_model_names_the_file(tiny_assets, tmp_path):
     (broken / "model.safetensors").write_bytes(b"")
     with pytest.raises(WeightsError, match=r"broken/model.safetensors .*truncated or corrupt"):
         SentenceTransformerEncoder("broken", broken).encode(["a text"])
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path):
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), str(tmp_path / "missing-model"),
+                           "--data", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "missing-model is not a folder" in proc.stderr
