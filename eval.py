@@ -64,9 +64,19 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     off = [f"{task}:{name}" for task, name in args.hub if task not in args.tasks]
     if off:
         parser.error(f"--hub {' '.join(off)}: its task is not in --tasks {','.join(args.tasks)}")
+    args.dims = [_dim(p.strip(), parser) for p in (args.dims or "").split(",") if p.strip()]
     if args.data is None and (DEFAULT_DATA.exists() or not args.hub):
         args.data = DEFAULT_DATA  # a missing default is only an error when there is nothing else
     return args
+
+
+def _dim(part: str, parser: argparse.ArgumentParser) -> str | int:
+    """One --dims entry: "heads" or a positive prefix size."""
+    if part == "heads":
+        return part
+    if not part.isdigit() or int(part) < 1:
+        parser.error(f"--dims: {part!r} is neither 'heads' nor a positive number of dimensions")
+    return int(part)
 
 
 def _hub_spec(text: str) -> tuple[str, str]:
@@ -84,40 +94,50 @@ def _hub_spec(text: str) -> tuple[str, str]:
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from mtd.errors import MtdError
-    from mtd.evaluation.specs import ModelSpecError, PrefixEncoder, parse_models, student_heads, with_prefixes
-    from mtd.evaluation.suite import evaluate_all, retention_table
-    from mtd.io import atomic_write_json
+    from mtd.errors import cli_main
 
-    try:
-        base = parse_models(args.models)
-        models = dict(base)
-        for part in (args.dims or "").split(","):
-            if part.strip() == "heads":
-                models = student_heads(models)
-            elif part.strip():
-                models = with_prefixes(models, [int(part)])
-    except (ModelSpecError, ValueError) as e:
-        sys.exit(f"eval.py: {e}")
+    return cli_main("eval", lambda: _evaluate(args))
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    """Everything that can be checked is checked before the first model is scored: the --out
+    file, the models' weights, the data; a failed final write saves the results elsewhere."""
+    from mtd.evaluation.specs import PrefixEncoder, check_weights
+    from mtd.evaluation.suite import evaluate_all, retention_table
+    from mtd.io import check_writable, write_json_or_fallback
+
+    if args.out is not None:
+        check_writable(args.out, "--out")
+    base, models = _models(args)
+    check_weights(models)
     # A prefix costs what its model costs: time each real model once.
     timed = [label for label, m in base.items() if not isinstance(m, PrefixEncoder)]
-    if args.reference is not None and args.reference not in models:
-        sys.exit(f"eval.py: --reference {args.reference!r} is not one of {list(models)}")
-    try:
-        rows = evaluate_all(models, data=args.data, tasks=args.tasks, split=args.split,
-                            batch_size=args.batch_size, index=args.index, cache_dir=args.cache_dir,
-                            speed=(tuple(args.models), timed, args.speed_texts), hub=args.hub)
-    except (MtdError, FileNotFoundError, ValueError, ImportError) as e:
-        # Bad data (the message names the file and problem), or --hub without `datasets`.
-        sys.exit(f"eval.py: {e}")
+    rows = evaluate_all(models, data=args.data, tasks=args.tasks, split=args.split,
+                        batch_size=args.batch_size, index=args.index, cache_dir=args.cache_dir,
+                        speed=(tuple(args.models), timed, args.speed_texts), hub=args.hub)
     print(retention_table(rows, args.reference))
     if args.out is not None:
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         settings["hub"] = [f"{task}:{name}" for task, name in args.hub]
         fingerprints = {label: m.fingerprint for label, m in models.items()}
-        atomic_write_json(args.out, {"settings": settings, "models": fingerprints, "results": rows})
+        write_json_or_fallback(args.out, {"settings": settings, "models": fingerprints, "results": rows},
+                               "results")
         logger.info("Wrote %d results to %s", len(rows), args.out)
     return 0
+
+
+def _models(args: argparse.Namespace) -> tuple[dict, dict]:
+    """(the models named, those plus --dims variants), each {label: encoder}."""
+    from mtd.evaluation.specs import ModelSpecError, parse_models, student_heads, with_prefixes
+
+    base = parse_models(args.models)
+    models = dict(base)
+    for part in args.dims:
+        models = student_heads(models) if part == "heads" else with_prefixes(models, [part])
+    if args.reference is not None and args.reference not in models:
+        raise ModelSpecError(f"--reference {args.reference!r} is not one of the models {list(models)}; "
+                             "give one of their labels.")
+    return base, models
 
 
 if __name__ == "__main__":

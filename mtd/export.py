@@ -10,24 +10,38 @@ weights). `load_image_text_model(path)` loads both sides in one call: `encode_te
 the sentence-transformers model itself, `encode_image(paths or PIL images)` runs the image path
 into the same Transformer, Pooling, Dense and Normalize modules.
 
-Usage: python -m mtd.export RUN_OR_STUDENT_DIR OUT_DIR [--head NAME]
+Usage: python -m mtd.export RUN_OR_STUDENT_DIR OUT_DIR [--head NAME] [--overwrite]
+
+OUT_DIR must be new, or a sentence-transformers folder to replace (with --overwrite); the export
+never writes through a symbolic link or into the run it exports.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from mtd.io import atomic_write_json, read_json
-from mtd.models.student import Student, StudentError, load_student
+from mtd.errors import cli_main
+from mtd.io import atomic_write_json, load_safetensors, read_json, reading_weights
+from mtd.models.student import STUDENT_FILE, Student, StudentError, load_student
 
 IMAGE_DIR = "image"
+# What SOURCE must be, for messages.
+SOURCE_HELP = ("SOURCE is a finished run's folder (OUTPUT_DIR/NAME, runs/NAME by default, holding "
+               f"config.yaml, student/, final/ and checkpoints/) or its student/ folder ({STUDENT_FILE}, "
+               "heads.safetensors, encoder/).")
+
+
+class ExportError(StudentError):
+    """An export that has nothing to export, or that would destroy something to write its folder."""
 
 logger = logging.getLogger(__name__)
 
@@ -55,22 +69,57 @@ def to_sentence_transformer(student: Student, tokenizer, head: str, max_length: 
     )
 
 
-def export_student(student: Student, tokenizer, out: str | Path, head: str, max_length: int) -> Path:
-    """Write the sentence-transformers folder atomically (a temp folder renamed into place)."""
+def export_student(student: Student, tokenizer, out: str | Path, head: str, max_length: int,
+                   overwrite: bool = False) -> Path:
+    """Write the sentence-transformers folder atomically (a temp folder renamed into place).
+
+    `out` may be new or, with `overwrite`, an existing sentence-transformers folder; anything else
+    is refused before the student is touched (see check_out).
+    """
     out = Path(out)
-    if out.exists() and not (out / "modules.json").is_file():
-        raise StudentError(f"{out} exists and is not a sentence-transformers folder; refusing to "
-                           "replace it. Choose another output folder, or remove it yourself.")
+    check_out(out, overwrite)
     model = to_sentence_transformer(student, tokenizer, head, max_length)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save(str(tmp))
-    if student.image is not None:
-        save_image_side(student, tmp / IMAGE_DIR, head)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; an export is meant to be shared
+        model.save(str(tmp))
+        if student.image is not None:
+            save_image_side(student, tmp / IMAGE_DIR, head)
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     logger.info("Exported head %s (%d dims) to %s", head, student.head_dims[head], out)
     return out
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an output folder whose replacement would lose something: a symbolic link (the
+    folder it points to would go), a file or non-model folder, or a model without `overwrite`."""
+    if out.is_symlink():
+        raise ExportError(f"{out} is a symbolic link (to {os.readlink(out)}); refusing to replace "
+                          "what it points to. Give the real folder or another output folder.")
+    if not out.exists():
+        return
+    if not (out / "modules.json").is_file():
+        raise ExportError(f"{out} exists and is not a sentence-transformers folder; refusing to "
+                          "replace it. Choose another output folder, or remove it yourself.")
+    if not overwrite:
+        raise ExportError(f"{out} already holds a sentence-transformers model; refusing to replace "
+                          "it. Pass --overwrite to replace it, or choose another output folder.")
+
+
+def _replace(new: Path, out: Path) -> None:
+    """Rename `new` to `out`; an old `out` is moved aside first and deleted last, so a crash
+    leaves one of the two complete folders, never neither."""
+    if not out.exists():
+        new.rename(out)
+        return
+    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+    out.rename(old / out.name)
+    new.rename(out)
+    shutil.rmtree(old)
 
 
 def save_image_side(student: Student, folder: Path, head: str) -> None:
@@ -86,7 +135,6 @@ class ImageTextModel:
     """A sentence-transformers export plus its image side: one vector space for texts and images."""
 
     def __init__(self, folder: str | Path, device: str | None = None):
-        from safetensors.torch import load_file
         from sentence_transformers import SentenceTransformer
 
         from mtd.models.projection import build_image_path
@@ -97,10 +145,11 @@ class ImageTextModel:
         if not config_path.is_file():
             raise StudentError(f"{folder} has no image side ({IMAGE_DIR}/config.json): it was exported "
                                "from a text-only student. Train an image stage (data: images) first.")
-        self.text = SentenceTransformer(str(folder), device=device)
+        with reading_weights(folder):
+            self.text = SentenceTransformer(str(folder), device=device)
         config = read_json(config_path)
         self.image = build_image_path(config)
-        self.image.load_state_dict(load_file(str(folder / IMAGE_DIR / "model.safetensors")))
+        self.image.load_state_dict(load_safetensors(folder / IMAGE_DIR / "model.safetensors"))
         self.image.to(self.text.device).eval()
         self.transform = ImagePreprocess.from_dict(config["preprocess"]).transform()
 
@@ -135,20 +184,65 @@ def load_image_text_model(folder: str | Path, device: str | None = None) -> Imag
     return ImageTextModel(folder, device)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("source", help="a run folder (runs/NAME) or its student/ folder")
-    parser.add_argument("out", help="where to write the sentence-transformers folder")
+    parser.add_argument("source", type=Path, help="a run folder (runs/NAME) or its student/ folder")
+    parser.add_argument("out", type=Path, help="where to write the sentence-transformers folder")
     parser.add_argument("--head", default=None, help="head to export (default: the first)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUT when it already holds a sentence-transformers model")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    source = Path(args.source)
-    folder = source / "student" if (source / "student").is_dir() else source
+    return cli_main("export", lambda: _export(args.source, args.out, args.head, args.overwrite))
+
+
+def _export(source: Path, out: Path, head: str | None, overwrite: bool) -> None:
+    """Every check that needs no weights comes first: a bad SOURCE, head or OUT fails in a moment."""
+    folder = student_folder(source)
+    heads = list(read_json(folder / STUDENT_FILE)["heads"])
+    head = head or heads[0]
+    if head not in heads:
+        raise ExportError(f"No head {head!r} in {source}; its heads are {heads}. Choose one with --head.")
+    check_outside_run(out, folder)
+    check_out(out, overwrite)
     student, tokenizer, max_length = load_student(folder)
-    head = args.head or next(iter(student.heads))
     with torch.no_grad():
-        export_student(student, tokenizer, args.out, head, max_length)
+        export_student(student, tokenizer, out, head, max_length, overwrite)
+
+
+def student_folder(source: Path) -> Path:
+    """The mtd student folder of a run folder or of a student folder; else why not, and what is."""
+    if not source.exists():
+        raise ExportError(f"{source} does not exist. {SOURCE_HELP}")
+    for folder in (source / "student", source):
+        if (folder / STUDENT_FILE).is_file():
+            return folder
+    if (source / "modules.json").is_file():
+        why = "it is a sentence-transformers folder (an export already), not a run"
+    elif (source / "checkpoints").is_dir():
+        why = "the run has not finished (no student/ yet): finish it with train.py CONFIG --resume"
+    else:
+        why = f"it holds neither student/ nor {STUDENT_FILE}"
+    raise ExportError(f"{source} is not an mtd run or student folder: {why}. {SOURCE_HELP}")
+
+
+def check_outside_run(out: Path, student: Path) -> None:
+    """OUT may sit inside the run (runs/NAME/fc256) but must not be or hold the run, nor be or sit
+    inside the student or checkpoints being exported: writing there would destroy the run."""
+    where = out.resolve()
+    student = student.resolve()
+    run = student.parent if student.name == "student" else None
+    for kept in [*([run, run / "checkpoints"] if run else []), student]:
+        if kept.is_relative_to(where):
+            relation = "is" if kept == where else "contains"
+        elif kept != run and where.is_relative_to(kept):
+            relation = "is inside"
+        else:
+            continue
+        example = (run or student.parent) / "export"
+        raise ExportError(f"{out} {relation} {kept}, part of the run being exported; refusing to "
+                          f"write there. Choose another folder, e.g. {example}.")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from mtd.errors import MtdError
+from mtd.errors import MtdError, explain_os_error
 
 # Files that decide what a model computes; READMEs and OS clutter do not.
 _MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".json", ".txt", ".model", ".py")
@@ -73,6 +76,54 @@ def atomic_save_npy(path: str | Path, array: Any) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+class OutputError(MtdError):
+    """An output path that cannot be written; the message names it and says what to do."""
+
+
+def _cannot_write(path: Path, err: OSError) -> str:
+    return explain_os_error(err) or f"Cannot write {path} ({err})."
+
+
+def check_writable(path: str | Path, what: str) -> None:
+    """Fail now, before any work, when the file `path` could not be written later: its folder is
+    created and a probe file written and removed there (permission bits alone lie for root)."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{what} {path} is a folder; give a file name, e.g. {path / 'results.json'}.")
+    blocker = next(p for p in path.parents if p.exists())
+    if not blocker.is_dir():
+        raise OutputError(f"{what} {path}: {blocker} is a file, not a folder. Choose another path.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"{what} {path}: {_cannot_write(path, e)} Choose a writable path; nothing "
+                          "was computed yet.") from None
+
+
+def write_json_or_fallback(path: str | Path, obj: Any, what: str) -> None:
+    """atomic_write_json, but results that took long to compute are never lost to a failed write:
+    they go to a file in the system temp folder (failing that, into the log), and the
+    OutputError says where."""
+    path = Path(path)
+    try:
+        atomic_write_json(path, obj)
+        return
+    except OSError as e:
+        reason = _cannot_write(path, e)
+    fallback = Path(tempfile.gettempdir()) / f"{path.stem}-{os.getpid()}-{int(time.time())}.json"
+    try:
+        atomic_write_json(fallback, obj)
+    except OSError:
+        logging.getLogger(__name__).error("The %s, which could not be saved:\n%s", what,
+                                          json.dumps(obj, indent=2, sort_keys=True))
+        raise OutputError(f"{reason} The {what} could not be saved anywhere: they are in the log "
+                          "above.") from None
+    raise OutputError(f"{reason} The {what} are saved in {fallback} instead: move them from there.")
 
 
 def read_json(path: str | Path) -> Any:
@@ -148,3 +199,71 @@ def jsonl_objects(
         if missing:
             raise error(path, f"missing key(s) {', '.join(map(repr, missing))}", line_no)
         yield line_no, record
+
+
+# What to do about a damaged weights file, whoever wrote it.
+WEIGHTS_FIX = ("restore it: re-export the student (python -m mtd.export RUN OUT), re-run "
+               "scripts/setup.sh for the models it installs under models/, or download the model again")
+
+
+class WeightsError(MtdError):
+    """A weights file that cannot be read (truncated, corrupt, missing); the message names it."""
+
+
+def damaged_safetensors(where: str | Path) -> list[str]:
+    """'PATH (reason)' for each .safetensors file at or under `where` whose header does not read.
+
+    safe_open checks the header against the file size, so a truncated copy is caught without
+    reading the tensors.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    where = Path(where)
+    files = [where] if where.is_file() else sorted(where.rglob("*.safetensors")) if where.is_dir() else []
+    bad = []
+    for path in files:
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            bad.append(f"{path} ({e})")
+    return bad
+
+
+def _weights_message(bad: list[str], fix: str) -> str:
+    return (f"Cannot read the weights in {', '.join(bad)}: the file is truncated or corrupt "
+            f"(an interrupted save, copy or download?). To fix, {fix}.")
+
+
+def check_safetensors(where: str | Path, fix: str = WEIGHTS_FIX) -> None:
+    """Raise WeightsError naming every damaged .safetensors file at or under `where` (cheap: headers)."""
+    bad = damaged_safetensors(where)
+    if bad:
+        raise WeightsError(_weights_message(bad, fix))
+
+
+@contextmanager
+def reading_weights(where: str | Path, fix: str = WEIGHTS_FIX) -> Iterator[None]:
+    """Around a library load of `where` (from_pretrained, SentenceTransformer(folder)...): a
+    safetensors error, which names no file, becomes a WeightsError naming the damaged ones."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as e:
+        bad = damaged_safetensors(where) or [f"a .safetensors file of {where} ({e})"]
+        raise WeightsError(_weights_message(bad, fix)) from None
+
+
+def load_safetensors(path: str | Path, fix: str = WEIGHTS_FIX) -> dict[str, Any]:
+    """safetensors.torch.load_file, with a missing or damaged file named in a WeightsError.
+
+    Every direct safetensors load in mtd goes through here (tests/test_layout.py checks).
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"Weights file {path} is missing. To fix, {fix}.")
+    with reading_weights(path, fix):
+        return load_file(str(path))

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
-from mtd.evaluation.suite import discover, retention_table
+from mtd.evaluation.image_text import ImageTextFormatError
+from mtd.evaluation.sts import StsFormatError
+from mtd.evaluation.suite import discover, evaluate_all, retention_table
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -37,6 +40,71 @@ def test_discover_recognizes_each_layout(tmp_path):
     assert found.retrieval == [beir]  # its qrels/test.tsv is not mistaken for STS
     assert found.image_text == [pics]
     assert discover(tmp_path, split="dev").sts == [tmp_path / "a" / "mysts" / "dev.jsonl"]
+
+
+def test_discover_reads_headers_as_the_loaders_do(tmp_path):
+    """A BOM or quoted header names the same columns for discovery as for load_sts."""
+    bom = tmp_path / "bom" / "test.csv"
+    bom.parent.mkdir()
+    bom.write_text("\ufeffsentence1,sentence2,score\nx,y,2\n", encoding="utf-8")
+    quoted = tmp_path / "quoted" / "test.csv"
+    quoted.parent.mkdir()
+    quoted.write_text('"sentence1","sentence2","score"\n"x","y",1\n', encoding="utf-8")
+    assert discover(tmp_path).sts == [bom, quoted]
+
+
+@pytest.mark.parametrize(("name", "content", "found"), [
+    ("test.csv", "sentence1,sentence2,label\nx,y,2\n", "['sentence1', 'sentence2', 'label']"),
+    ("test.tsv", "sentence1\tsentence2\nx\ty\n", "['sentence1', 'sentence2']"),
+    ("test.jsonl", '{"sentence1": "x", "sentence2": "y", "similarity": 1}\n',
+     "['sentence1', 'sentence2', 'similarity']"),
+])
+def test_an_sts_file_without_its_score_is_an_error_not_skipped(tmp_path, name, content, found):
+    path = tmp_path / "mysts" / name
+    path.parent.mkdir()
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(StsFormatError, match=re.escape(
+            f"{path}: looks like an STS set but has no column(s) 'score'; found {found}, expected "
+            "sentence1, sentence2, score. Rename the column(s), or move the file out")):
+        discover(tmp_path)
+
+
+def test_an_image_caption_file_without_images_is_an_error(tmp_path):
+    _jsonl(tmp_path / "pics" / "test.jsonl", [{"file": "1.jpg", "captions": ["c"]}])
+    match = r"pics/test.jsonl: looks like an image-caption set but has no column\(s\) 'image'; found \['file'"
+    with pytest.raises(ImageTextFormatError, match=match):
+        discover(tmp_path)
+
+
+class _ImageModel:
+    """A model with an image side that must never be asked to encode anything."""
+
+    name = fingerprint = "m"
+
+    def encode(self, texts, role="document", batch_size=64):
+        raise AssertionError("encoded before the data was checked")
+
+    encode_images = encode
+
+
+def test_image_caption_set_with_no_image_on_disk_fails_before_scoring(tmp_path):
+    sts = _jsonl(tmp_path / "mysts" / "test.jsonl", [{"sentence1": "x", "sentence2": "y", "score": 1}] * 2)
+    pics = _jsonl(tmp_path / "pics" / "test.jsonl", [{"image": f"images/{i}.jpg", "captions": ["c"]}
+                                                     for i in range(3)])
+    with pytest.raises(ImageTextFormatError, match=re.escape(
+            f"{pics}: none of its 3 images exists (first: {pics.parent / 'images' / '0.jpg'}). Image paths "
+            f"are relative to the file's folder: put the images there")):
+        evaluate_all({"m": _ImageModel()}, data=tmp_path, tasks=["sts", "image-text"], split="test",
+                     batch_size=8, index="flat", cache_dir=None, speed=None)
+    assert sts.is_file()
+
+
+def test_image_caption_set_with_no_readable_image_is_named(tmp_path):
+    pics = _jsonl(tmp_path / "pics" / "test.jsonl", [{"image": "0.jpg", "captions": ["c"]}])
+    (pics.parent / "0.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ImageTextFormatError, match=r"pics/test.jsonl: none of the 1 images could be loaded"):
+        evaluate_all({"m": _ImageModel()}, data=tmp_path, tasks=["image-text"], split="test",
+                     batch_size=8, index="flat", cache_dir=None, speed=None)
 
 
 def test_discover_missing_folder():

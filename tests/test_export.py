@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-from mtd.export import export_student, to_sentence_transformer
+from mtd.export import export_student, main, to_sentence_transformer
+from mtd.io import hash_folder
 from mtd.models.student import Student, StudentError, encode, load_student
 from mtd.training import pipeline
 
@@ -82,13 +84,18 @@ def test_export_folder_layout(student_and_tokenizer, tmp_path):
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())  # temp folder renamed away
 
 
-def test_export_replaces_an_old_folder(student_and_tokenizer, tmp_path):
+def test_export_replaces_an_old_model_only_when_told(student_and_tokenizer, tmp_path):
     student, tokenizer = student_and_tokenizer
     out = tmp_path / "st"
     export_student(student, tokenizer, out, "fc1", MAX_LENGTH)
-    export_student(student, tokenizer, out, "fc3", MAX_LENGTH)
+    before = hash_folder(out)
+    with pytest.raises(StudentError, match=r"already holds a sentence-transformers model.*--overwrite"):
+        export_student(student, tokenizer, out, "fc3", MAX_LENGTH)
+    assert hash_folder(out) == before
+    export_student(student, tokenizer, out, "fc3", MAX_LENGTH, overwrite=True)
     dense = json.loads((out / "2_Dense" / "config.json").read_text())
     assert dense["out_features"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["st"]  # no temp or old folder left
 
 
 def test_unknown_head_raises(student_and_tokenizer, tmp_path):
@@ -123,12 +130,63 @@ def test_cli_exports_chosen_head_of_a_run(finished_run, tmp_path, texts):
     final = SentenceTransformer(str(finished_run / "final"), device="cpu").encode(texts[:20])
     np.testing.assert_allclose(final, encode(student, tokenizer, texts[:20], "fc1", max_length), atol=1e-5)
 
-    # An unknown head fails with the heads there are, and writes nothing (in-process: saves a start).
-    from mtd.export import main
 
-    with pytest.raises(StudentError, match=r"No head 'fc99'.*fc1"):
-        main([str(finished_run / "student"), str(tmp_path / "x"), "--head", "fc99"])
-    assert not (tmp_path / "x").exists()
+
+def _refused(argv: list[str], caplog, match: str) -> None:
+    """main(argv) exits 2 with one logged line matching `match`."""
+    caplog.clear()
+    assert main([str(a) for a in argv]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and re.search(match, errors[0]), errors
+
+
+def test_cli_refuses_what_would_lose_data(finished_run, tmp_path, caplog):
+    """Every refusal leaves what was there as it was; the run itself is never written into."""
+    run, model = finished_run, tmp_path / "model"
+    assert main([str(run), str(model)]) == 0
+    kept = {p: hash_folder(p) for p in (run, model)}
+    _refused([run, tmp_path / "x", "--head", "fc99"], caplog,
+             r"No head 'fc99' in .*\['fc1', 'fc16'\].*--head")
+    _refused([run, model, "--head", "fc16"], caplog,
+             r"model .*already holds a sentence-transformers.*--overwrite")
+    (tmp_path / "link").symlink_to(model)
+    _refused([run, tmp_path / "link", "--overwrite"], caplog, r"link is a symbolic link \(to .*model\)")
+    _refused([run, run, "--overwrite"], caplog, r"tiny is .*tiny, part of the run being exported")
+    _refused([run / "student", run / "student"], caplog, r"student is .*student, part of the run")
+    _refused([run, run / "checkpoints" / "x"], caplog, r"x is inside .*checkpoints, part of the run")
+    _refused([run, run.parent, "--overwrite"], caplog, r"runs contains .*runs/tiny, part of the run")
+    assert {p: hash_folder(p) for p in (run, model)} == kept
+    assert not (tmp_path / "x").exists() and not (run / "checkpoints" / "x").exists()
+    # Inside the run, beside its parts, is fine; so is replacing the model when told to.
+    assert main([str(run), str(run / "fc16"), "--head", "fc16"]) == 0
+    assert main([str(run), str(model), "--head", "fc16", "--overwrite"]) == 0
+    assert json.loads((model / "2_Dense" / "config.json").read_text())["out_features"] == 16
+    # A truncated weights file is named, with the way to restore it.
+    heads = run / "student" / "heads.safetensors"
+    heads.write_bytes(heads.read_bytes()[:100])
+    _refused([run, tmp_path / "y"], caplog, r"heads.safetensors .*truncated or corrupt.*--resume")
+
+
+def test_cli_names_what_a_source_must_be(tmp_path, caplog):
+    _refused([tmp_path / "nope", tmp_path / "out"], caplog, r"nope does not exist\. SOURCE is .*runs/NAME")
+    (tmp_path / "notes").mkdir()
+    _refused([tmp_path / "notes", tmp_path / "out"], caplog,
+             r"notes is not an mtd run or student folder: it holds neither student/ nor student.json")
+    (tmp_path / "unfinished" / "checkpoints").mkdir(parents=True)
+    _refused([tmp_path / "unfinished", tmp_path / "out"], caplog, r"has not finished.*--resume")
+    (tmp_path / "st").mkdir()
+    (tmp_path / "st" / "modules.json").write_text("[]")
+    _refused([tmp_path / "st", tmp_path / "out"], caplog,
+             r"sentence-transformers folder \(an export already\)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "mtd.export", str(tmp_path / "nope"), str(tmp_path / "out")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "nope does not exist" in proc.stderr
 
 
 def test_export_refuses_to_replace_a_folder_that_is_not_a_model(tmp_path):

@@ -44,3 +44,13 @@ def test_no_module_imports_upward(path):
     here = layer_of("mtd." + ".".join(path.relative_to(MTD).with_suffix("").parts))
     upward = [m for m in imports(path) if layer_of(m) > here]
     assert not upward, f"{path.relative_to(MTD)} imports from a higher layer: {upward}"
+
+
+@pytest.mark.parametrize("path", sorted(p for p in MTD.rglob("*.py") if p.name != "io.py"),
+                         ids=lambda p: str(p.relative_to(MTD)))
+def test_safetensors_are_read_through_one_helper(path):
+    """mtd.io.load_safetensors names a truncated or missing file; a bare load_file names none."""
+    text = path.read_text()
+    assert "load_file(" not in text and "safe_open(" not in text, (
+        f"{path.relative_to(MTD)}: read safetensors with mtd.io.load_safetensors (or wrap a library "
+        "load in mtd.io.reading_weights)")

@@ -149,6 +149,18 @@ def load_image_text(jsonl_path: str | os.PathLike[str]) -> ImageTextSet:
     return ImageTextSet(name, image_paths, captions, np.asarray(owner, dtype=np.int64))
 
 
+def require_images(ds: ImageTextSet, path: str | os.PathLike[str]) -> None:
+    """Raise naming the file when not one of its images exists (a moved or missing image folder):
+    cheap, so it runs before any model is scored rather than when the images are decoded."""
+    if not any(p.is_file() for p in ds.image_paths):
+        raise ImageTextFormatError(
+            path,
+            f"none of its {ds.n_images} images exists (first: {ds.image_paths[0]}). Image paths are "
+            f"relative to the file's folder: put the images there (e.g. {Path(path).parent / 'images'}) "
+            "or fix the 'image' entries",
+        )
+
+
 def _open_image(path: Path, mode: str) -> Image.Image:
     with Image.open(path) as img:
         # convert() decodes; load() makes sure a no-op convert (already in `mode`) decodes too,

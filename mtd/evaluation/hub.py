@@ -37,12 +37,16 @@ class HubDataError(MtdError, ValueError):
     """A hub data set cannot be loaded (unknown name, offline, missing config or split)."""
 
 
+class MissingDatasetsError(HubDataError, ImportError):
+    """--hub without the `datasets` package."""
+
+
 def _load_dataset(name: str, config: str | None, split: str | None, layout: str) -> Any:
     """``datasets.load_dataset(name, config, split=split)``, with errors that say what to do."""
     try:
         import datasets
     except ImportError as exc:
-        raise ImportError(
+        raise MissingDatasetsError(
             f"Loading the hub data set {name!r} needs the datasets package: pip install datasets "
             f"(or download the data and pass {layout} under --data)"
         ) from exc

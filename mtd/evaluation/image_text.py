@@ -29,6 +29,7 @@ from mtd.data.image_text import (  # noqa: F401  (loading lives in data; re-expo
     drop_images,
     load_image_text,
     load_images,
+    require_images,
 )
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ __all__ = [
     "image_text_recall",
     "load_image_text",
     "load_images",
+    "require_images",
 ]
 
 # --------------------------------------------------------------------------- scoring

@@ -26,7 +26,7 @@ import numpy as np
 
 from mtd import config
 from mtd.errors import MtdError
-from mtd.io import atomic_save_npy, hash_folder, hash_texts, read_json
+from mtd.io import atomic_save_npy, check_safetensors, hash_folder, hash_texts, read_json, reading_weights
 from mtd.models.student import STUDENT_FILE, load_student
 from mtd.models.student import encode as student_encode
 from mtd.targets import teachers
@@ -68,7 +68,8 @@ class SentenceTransformerEncoder:
         if self._model is None:
             from sentence_transformers import SentenceTransformer
 
-            self._model = SentenceTransformer(str(self.folder), device=self.device)
+            with reading_weights(self.folder):
+                self._model = SentenceTransformer(str(self.folder), device=self.device)
         return self._model
 
     @cached_property
@@ -241,6 +242,21 @@ def _resolve(spec: str, name: str, labels: dict[str, Encoder]) -> Encoder:
     if spec in labels:
         return labels[spec]
     return _from_path(spec, name)
+
+
+def _folders(model: Encoder) -> list[Path]:
+    if isinstance(model, ConcatEncoder):
+        return [f for part in model.parts for f in _folders(part)]
+    if isinstance(model, PrefixEncoder):
+        return _folders(model.inner)
+    return [model.folder]
+
+
+def check_weights(models: dict[str, Encoder]) -> None:
+    """Every model's .safetensors headers read (cheap), so a truncated file is named before any
+    model is scored, not after hours of scoring the others."""
+    for folder in dict.fromkeys(f for m in models.values() for f in _folders(m)):
+        check_safetensors(folder)
 
 
 def load_encoder(specs: tuple[str, ...], label: str) -> Encoder:

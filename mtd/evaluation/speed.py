@@ -39,6 +39,8 @@ import psutil
 import torch
 from tqdm.auto import tqdm
 
+from mtd.io import reading_weights
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -352,7 +354,8 @@ def load_st_encoder(model_path: str, device: str = "cpu") -> Encode:
     ``partial(load_st_encoder, path)``. The encoder shows no progress bar (it is being timed)."""
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(model_path, device=device)
+    with reading_weights(model_path):
+        model = SentenceTransformer(model_path, device=device)
     return partial(_st_encode, model)
 
 

@@ -12,6 +12,7 @@ number shown per dataset in the table (Spearman for STS, nDCG@10 for retrieval, 
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import time
@@ -21,7 +22,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from mtd.errors import MtdError
 from mtd.evaluation import sts
+from mtd.evaluation.image_text import ImageLoadError, ImageTextFormatError
 from mtd.evaluation.specs import Encoder, cached_encode, load_encoder
 
 logger = logging.getLogger(__name__)
@@ -32,6 +35,18 @@ MAIN_METRIC = {"sts": "spearman", "retrieval": "ndcg@10", "image-text": "t2i_R@1
 
 
 HUB_TASKS = ("sts", "retrieval")
+IMAGE_TEXT_FIELDS = ("image", "captions")
+
+
+class NoDataError(MtdError, FileNotFoundError):
+    """The data folder is missing or holds no data set eval.py can score."""
+
+
+def _layouts(split: str) -> str:
+    """The layouts discover() recognizes, for messages."""
+    return (f"STS files ({split}.jsonl|csv|tsv with {', '.join(sts.FIELDS)}), BEIR folders "
+            f"(corpus.jsonl, queries.jsonl, qrels/{split}.tsv) and image-caption files "
+            f"({split}.jsonl with {', '.join(IMAGE_TEXT_FIELDS)})")
 
 
 @dataclass(frozen=True)
@@ -47,25 +62,46 @@ class Datasets:
     sts: list[Path | LoadedSet] = field(default_factory=list)
     retrieval: list[Path | LoadedSet] = field(default_factory=list)
     image_text: list[Path] = field(default_factory=list)
+    unrecognized: list[Path] = field(default_factory=list)  # split-named files of no known layout
 
 
-def _first_record(path: Path) -> dict[str, Any] | list[str]:
-    with path.open(encoding="utf-8", errors="replace") as f:
+def _columns(path: Path) -> list[str]:
+    """The first record's keys (jsonl) or the header's columns (csv, tsv), read as load_sts does."""
+    with path.open(encoding="utf-8-sig", errors="replace", newline="") as f:
         line = f.readline()
     if path.suffix == ".jsonl":
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            return {}
-        return record if isinstance(record, dict) else {}
-    return line.rstrip("\n").split("\t" if path.suffix == ".tsv" else ",")
+            return []
+        return list(record) if isinstance(record, dict) else []
+    if path.suffix == ".tsv":
+        return [c.strip() for c in line.rstrip("\r\n").split("\t")]
+    return [c.strip() for c in next(csv.reader([line]), [])]
+
+
+# (columns of a layout, the ones that make a file look like it, its error, what it is called)
+_LAYOUTS = ((sts.FIELDS, {"sentence1", "sentence2"}, sts.StsFormatError, "STS set"),
+            (IMAGE_TEXT_FIELDS, {"captions"}, ImageTextFormatError, "image-caption set"))
+
+
+def _partial_layout(path: Path, columns: list[str]) -> MtdError | None:
+    """The error for a file that looks like an STS or image-caption set but lacks a column:
+    skipping it would silently drop a set the user meant to score."""
+    for fields, telling, error, what in _LAYOUTS:
+        if telling & set(columns):
+            missing = [f for f in fields if f not in columns]
+            return error(path, f"looks like an {what} but has no column(s) {', '.join(map(repr, missing))}; "
+                               f"found {columns}, expected {', '.join(fields)}. Rename the "
+                               f"column(s), or move the file out of the data folder if it is not one.")
+    return None
 
 
 def discover(root: str | Path, split: str = "test") -> Datasets:
     """Every data set under `root` (or `root` itself), recognized by its layout."""
     root = Path(root)
     if not root.exists():
-        raise FileNotFoundError(f"Data folder {root} does not exist; pass --data DIR.")
+        raise NoDataError(f"Data folder {root} does not exist; pass --data DIR.")
     found = Datasets()
     corpora = root.rglob("corpus.jsonl")
     beir_dirs = sorted({p.parent for p in corpora if (p.parent / "queries.jsonl").is_file()})
@@ -73,13 +109,15 @@ def discover(root: str | Path, split: str = "test") -> Datasets:
     for path in sorted(root.rglob(f"{split}.*")):
         if path.suffix not in sts.SUFFIXES or any(d in path.parents for d in beir_dirs):
             continue
-        head = _first_record(path)
-        keys = set(head) if isinstance(head, (dict, list)) else set()
-        if {"sentence1", "sentence2", "score"} <= keys:
+        columns = _columns(path)
+        if set(sts.FIELDS) <= set(columns):
             found.sts.append(path)
-        elif {"image", "captions"} <= keys:
+        elif set(IMAGE_TEXT_FIELDS) <= set(columns):
             found.image_text.append(path)
+        elif (error := _partial_layout(path, columns)) is not None:
+            raise error
         else:
+            found.unrecognized.append(path)
             logger.warning("Skipping %s: neither STS (sentence1, sentence2, score) nor image-text "
                            "(image, captions) columns.", path)
     return found
@@ -153,7 +191,10 @@ def run_image_text(label: str, model: Encoder, paths: Sequence[Path]) -> list[di
     rows = []
     for path in paths:
         data = image_text.load_image_text(path)
-        images, ok, problems = image_text.load_images(data.image_paths)
+        try:
+            images, ok, problems = image_text.load_images(data.image_paths)
+        except ImageLoadError as e:  # the images' own paths do not say which set they belong to
+            raise ImageTextFormatError(path, str(e)) from None
         data = image_text.drop_images(data, ok)
         metrics = image_text.image_text_recall(model.encode_images(images), model.encode(data.captions),
                                                data.caption_image)
@@ -217,11 +258,16 @@ def evaluate_all(models: dict[str, Encoder], *, data: Path | None, tasks: Sequen
 
     `data`: the folder searched by layout (None: none); `hub`: (task, name) pairs of hub data sets
     (task "sts" or "retrieval"), each loaded once and scored after the folder's sets of its task.
+    Every data set is read and checked before the first model is scored, so bad data fails in
+    seconds, not after hours of scoring.
     """
     found = discover(data, split) if data is not None and set(tasks) - {"speed"} else Datasets()
     skipped = [f"{t}:{n}" for t, n in hub if t not in tasks]
     if skipped:
         logger.warning("Skipping hub set(s) %s: their task is not in %s", skipped, list(tasks))
+    if data is not None:
+        _require_data(found, data, tasks, split, hub)
+    found = _load_all(found, tasks, split, images=any(hasattr(m, "encode_images") for m in models.values()))
     from_hub = load_hub([(t, n) for t, n in hub if t in tasks], split)
     found.sts += from_hub.sts
     found.retrieval += from_hub.retrieval
@@ -241,3 +287,35 @@ def evaluate_all(models: dict[str, Encoder], *, data: Path | None, tasks: Sequen
         specs, labels, n_texts = speed
         rows += run_speed(specs, labels, n_texts, batch_size)
     return rows
+
+
+def _require_data(found: Datasets, data: Path, tasks: Sequence[str], split: str,
+                  hub: Sequence[tuple[str, str]]) -> None:
+    """A searched folder with no set for the asked tasks is a wrong --data, not an empty result."""
+    wanted = [t for t in tasks if t != "speed"]
+    counts = {"sts": len(found.sts), "retrieval": len(found.retrieval), "image-text": len(found.image_text)}
+    if not wanted or any(counts[t] for t in wanted) or any(t in wanted for t, _ in hub):
+        return
+    seen = (f" Files named {split}.* that fit no layout: {', '.join(map(str, found.unrecognized[:5]))}."
+            if found.unrecognized else "")
+    raise NoDataError(f"No data set for --tasks {','.join(wanted)} under {data}: eval.py looks for "
+                      f"{_layouts(split)}.{seen} Point --data at the folder that holds them (or check "
+                      f"--split), or add --hub TASK:NAME.")
+
+
+def _load_all(found: Datasets, tasks: Sequence[str], split: str, images: bool) -> Datasets:
+    """The folder's STS and retrieval sets read once (checked, and not re-read per model); each
+    image-caption file checked when a model can score it (its images stay on disk till then)."""
+    from mtd.evaluation import image_text, retrieval
+
+    loaded = Datasets()
+    if "sts" in tasks:
+        loaded.sts = [LoadedSet(sts.load_sts(p), {"file": str(p)}) for p in found.sts]
+    if "retrieval" in tasks:
+        loaded.retrieval = [LoadedSet(retrieval.load_beir(p, split), {"folder": str(p)})
+                            for p in found.retrieval]
+    if "image-text" in tasks and images:
+        for path in found.image_text:
+            image_text.require_images(image_text.load_image_text(path), path)
+    loaded.image_text = found.image_text  # with no image model, run_image_text logs the skip
+    return loaded

@@ -14,18 +14,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from mtd.errors import MtdError
-from mtd.io import atomic_write_json, read_json
+from mtd.io import atomic_write_json, load_safetensors, read_json, reading_weights
 
 logger = logging.getLogger(__name__)
 
 HEADS_FILE = "heads.safetensors"
 IMAGE_FILE = "image.safetensors"
 STUDENT_FILE = "student.json"
+# A damaged student folder is rebuilt from the run's last stage-end checkpoint.
+STUDENT_FIX = ("run its config again with --resume (the finished run rebuilds student/ and final/ "
+               "from its last checkpoint), or copy the folder again from where it came from")
 
 
 class StudentError(MtdError, ValueError):
@@ -130,9 +133,10 @@ def build_encoder(
         cfg.setdefault("vocab_size", len(tokenizer))
         encoder = AutoModel.from_config(AutoConfig.for_model(**cfg))
     else:
-        encoder = AutoModel.from_pretrained(
-            folder, use_safetensors=True, trust_remote_code=trust_remote_code
-        )
+        with reading_weights(folder):
+            encoder = AutoModel.from_pretrained(
+                folder, use_safetensors=True, trust_remote_code=trust_remote_code
+            )
     if layers is not None:
         keep_layers(encoder, layers)
     return encoder, tokenizer
@@ -155,7 +159,8 @@ def student_from_sentence_transformer(path: str | Path):
     if not mean or unknown or len(modules) - len(kinds):
         raise StudentError(f"{folder}: the student's text side is Transformer + mean Pooling + at most "
                            f"one Dense (+ Normalize); this model has {[m['type'] for m in modules]}.")
-    encoder = AutoModel.from_pretrained(kinds["Transformer"], use_safetensors=True).float()
+    with reading_weights(kinds["Transformer"]):
+        encoder = AutoModel.from_pretrained(kinds["Transformer"], use_safetensors=True).float()
     tokenizer = AutoTokenizer.from_pretrained(kinds["Transformer"])
     hidden = encoder.config.hidden_size
     if "Dense" in kinds:
@@ -165,7 +170,7 @@ def student_from_sentence_transformer(path: str | Path):
                                "a linear head; only identity-activation Dense layers can be heads.")
         student = Student(encoder, {"fc1": int(dense["out_features"])})
         state = {k.removeprefix("linear."): v.float()
-                 for k, v in load_file(str(kinds["Dense"] / "model.safetensors")).items()}
+                 for k, v in load_safetensors(kinds["Dense"] / "model.safetensors").items()}
         state.setdefault("bias", torch.zeros(int(dense["out_features"])))  # Dense(bias=False)
         student.heads["fc1"].load_state_dict(state)
     else:
@@ -209,15 +214,16 @@ def load_student(folder: str | Path):
     if not (folder / STUDENT_FILE).is_file():
         raise StudentError(f"{folder} is not an mtd student folder (no {STUDENT_FILE}).")
     meta = read_json(folder / STUDENT_FILE)
-    encoder = AutoModel.from_pretrained(folder / "encoder", use_safetensors=True).float()
+    with reading_weights(folder / "encoder", STUDENT_FIX):
+        encoder = AutoModel.from_pretrained(folder / "encoder", use_safetensors=True).float()
     image = None
     if "image" in meta:
         from mtd.models.projection import build_image_path
 
         image = build_image_path(meta["image"])
-        image.load_state_dict(load_file(str(folder / IMAGE_FILE)))
+        image.load_state_dict(load_safetensors(folder / IMAGE_FILE, STUDENT_FIX))
     student = Student(encoder, meta["heads"], image)
-    student.heads.load_state_dict(load_file(str(folder / HEADS_FILE)))
+    student.heads.load_state_dict(load_safetensors(folder / HEADS_FILE, STUDENT_FIX))
     tokenizer = AutoTokenizer.from_pretrained(folder / "encoder")
     return student, tokenizer, int(meta["max_length"])
 

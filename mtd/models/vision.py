@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from mtd.errors import MtdError
+from mtd.io import load_safetensors, reading_weights
 
 logger = logging.getLogger(__name__)
 
@@ -167,9 +168,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise VisionTowerError(f"Weights file {path} does not exist.")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
+        return load_safetensors(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # weights_only refuses arbitrary pickles: say so, not a traceback
@@ -472,8 +471,9 @@ def build_transformers(name: str, pretrained: str | None = None, model_config: d
         config = config_cls.from_pretrained(name)
         if family == "siglip":
             config.vision_use_head = False
-        model = model_cls.from_pretrained(name, config=config, use_safetensors=True,
-                                          trust_remote_code=trust_remote_code)
+        with reading_weights(name):
+            model = model_cls.from_pretrained(name, config=config, use_safetensors=True,
+                                              trust_remote_code=trust_remote_code)
         preprocess = _hf_preprocess(name, family, config.image_size)
     else:
         family = _hf_family(model_config.get("model_type", ""))

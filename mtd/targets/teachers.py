@@ -17,7 +17,7 @@ import torch
 
 from mtd.config import TeacherConfig
 from mtd.errors import MtdError
-from mtd.io import hash_folder, read_json
+from mtd.io import hash_folder, read_json, reading_weights
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +86,11 @@ def teacher_identity(cfg: TeacherConfig, folder: Path) -> dict[str, Any]:
 
 def load_teacher(cfg: TeacherConfig, folder: Path, device: str | None = None):
     """A SentenceTransformer for the teacher (the folder's own modules, or Transformer + Pooling)."""
+    with reading_weights(folder):
+        return _load_teacher(cfg, folder, device)
+
+
+def _load_teacher(cfg: TeacherConfig, folder: Path, device: str | None):
     from sentence_transformers import SentenceTransformer, models
 
     if cfg.dtype not in DTYPES:

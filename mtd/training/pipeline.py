@@ -14,14 +14,13 @@ from pathlib import Path
 
 import numpy as np
 from accelerate.utils import set_seed
-from safetensors.torch import load_file
 
 from mtd.config import RunConfig, check_dims, check_resume, dump_config
 from mtd.data import images
 from mtd.data.corpus import Corpus, TargetDataset, multi_teacher_target, read_corpus
 from mtd.evaluation import report
 from mtd.export import export_student
-from mtd.io import atomic_write_text
+from mtd.io import atomic_write_text, load_safetensors
 from mtd.models.projection import ImagePath, special_ids
 from mtd.models.student import (
     Student,
@@ -38,6 +37,7 @@ from mtd.synthetic import make_tiny_assets, make_tiny_image_assets
 from mtd.targets import cache
 from mtd.targets.teachers import resolve_model_folder
 from mtd.training.trainer import (
+    CHECKPOINT_FIX,
     StageData,
     check_run_dir,
     collate_texts,
@@ -192,10 +192,10 @@ def run(cfg: RunConfig, resume: bool = False) -> Path:
     final_ckpt, _ = latest_checkpoint(run_dir)
     set_seed(cfg.train.seed)
     student, tokenizer = build_student(cfg, target_dim)
-    student.load_state_dict(load_file(str(final_ckpt / "model.safetensors")))
+    student.load_state_dict(load_safetensors(final_ckpt / "model.safetensors", CHECKPOINT_FIX))
     save_student(student, tokenizer, run_dir / "student", cfg.student.max_length)
     head = cfg.export_head or next(iter(student.heads))
-    export_student(student, tokenizer, run_dir / "final", head, cfg.student.max_length)
+    export_student(student, tokenizer, run_dir / "final", head, cfg.student.max_length, overwrite=True)
     e = cfg.eval
     report.final_report(
         run_dir, export_head=head, teachers=cfg.teachers, sts_dir=e.sts_dir, split=e.split,

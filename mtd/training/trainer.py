@@ -29,14 +29,21 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from mtd.config import StageConfig, TrainConfig
 from mtd.data.corpus import StepBatchSampler, TargetDataset
 from mtd.errors import MtdError
-from mtd.io import append_jsonl, atomic_write_json, atomic_write_text, read_json
+from mtd.io import (
+    append_jsonl,
+    atomic_write_json,
+    atomic_write_text,
+    load_safetensors,
+    read_json,
+    reading_weights,
+)
 from mtd.losses.objective import Objective
 from mtd.models.student import Student, set_train_mode, set_trainable, tokenize
 from mtd.training.distributed import gather_with_grad, world_size
@@ -44,6 +51,9 @@ from mtd.training.distributed import gather_with_grad, world_size
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
+# A damaged checkpoint: an earlier one can take over (latest_checkpoint picks the newest left).
+CHECKPOINT_FIX = ("move that checkpoint folder out of checkpoints/ and run again with --resume, "
+                  "which continues from the newest checkpoint left")
 
 
 class NonFiniteLossError(MtdError, RuntimeError):
@@ -221,7 +231,8 @@ class StageRunner:
         set_seed(self.tcfg.seed + self.index)  # a stage starts the same whether resumed or not
         model, optimizer, scheduler = self._prepare()
         if resume_from is not None:
-            self.acc.load_state(str(resume_from))
+            with reading_weights(resume_from, CHECKPOINT_FIX):
+                self.acc.load_state(str(resume_from))
             logger.info("Resumed stage %s at step %d from %s", self.stage.name, start, resume_from)
         self.data = self.make_data(self.acc.unwrap_model(model))
         stop = self.total if step_budget is None else min(self.total, start + step_budget)
@@ -368,7 +379,7 @@ def train_stages(accelerator: Accelerator, student: Student, stages: list[StageC
     found = latest_checkpoint(run_dir) if resume else None
     pos = found[1] if found else Position()
     if found and found[1].done:
-        student.load_state_dict(load_file(str(found[0] / "model.safetensors")))
+        student.load_state_dict(load_safetensors(found[0] / "model.safetensors", CHECKPOINT_FIX))
         pos = Position(found[1].stage + 1)
     if accelerator.is_main_process:
         if found:
