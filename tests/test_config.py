@@ -214,3 +214,11 @@ def test_resume_refuses_a_changed_config(tiny_config):
     check_resume(saved, tiny_config("train.max_steps_per_job=5", "eval.batch_size=8"))  # allowed
     with pytest.raises(ConfigError, match=r"stages\.1\.lr: 0\.003 -> 0\.002.*name=NEW_NAME"):
         check_resume(saved, tiny_config("stages.1.lr=2e-3"))
+
+
+def test_teacher_and_student_token_limits_that_differ_are_named(tiny_config):
+    from mtd.training.pipeline import length_mismatches
+
+    assert length_mismatches(tiny_config("teachers.0.max_length=32")) == []
+    (message,) = length_mismatches(tiny_config("teachers.0.max_length=64"))
+    assert "teachers.0 (teacher_a) reads up to 64 tokens, the student 32" in message

@@ -34,17 +34,18 @@ logger = logging.getLogger(__name__)
 MAX_AGREEMENT_TEXTS = 1000  # 500k pairs: plenty for a stable rank correlation
 
 
-def report_models(run_dir: Path, export_head: str, teachers: list[TeacherConfig]) -> dict[str, Encoder]:
+def report_models(run_dir: Path, export_head: str, teachers: list[TeacherConfig],
+                  device: str | None = None) -> dict[str, Encoder]:
     """The export in final/ through sentence-transformers, every other head through mtd, and the
     teachers as the target cache runs them."""
     label = f"student {export_head} (final/)"
-    models: dict[str, Encoder] = {label: SentenceTransformerEncoder(label, run_dir / "final", device="cpu")}
+    models: dict[str, Encoder] = {label: SentenceTransformerEncoder(label, run_dir / "final", device)}
     student = run_dir / "student"
     for head in read_json(student / STUDENT_FILE)["heads"]:
         if head != export_head:
-            models[f"student {head}"] = StudentHeadEncoder(f"student {head}", student, head)
+            models[f"student {head}"] = StudentHeadEncoder(f"student {head}", student, head, device)
     for t in teachers:
-        models[f"teacher {t.name}"] = TeacherEncoder(f"teacher {t.name}", t)
+        models[f"teacher {t.name}"] = TeacherEncoder(f"teacher {t.name}", t, device)
     return models
 
 
@@ -67,9 +68,9 @@ def pairwise_agreement(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def agreement_rows(model_dir: Path, texts: list[str], teacher_vecs: list[np.ndarray],
-                   names: list[str]) -> list[dict]:
+                   names: list[str], device: str | None = None) -> list[dict]:
     texts = texts[:MAX_AGREEMENT_TEXTS]
-    student = SentenceTransformerEncoder("student", model_dir, device="cpu").encode(texts)
+    student = SentenceTransformerEncoder("student", model_dir, device).encode(texts)
     rows = []
     for name, vecs in zip(names, teacher_vecs, strict=True):
         vecs = np.asarray(vecs[: len(texts)], dtype=np.float32)
@@ -81,18 +82,20 @@ def agreement_rows(model_dir: Path, texts: list[str], teacher_vecs: list[np.ndar
 def final_report(run_dir: Path, *, export_head: str, teachers: list[TeacherConfig],
                  sts_dir: str | None, split: str, batch_size: int, score_teachers: bool,
                  cache_dir: Path | None, dev_texts: list[str],
-                 dev_targets: list[np.ndarray], image_eval: str | None = None) -> list[dict[str, Any]]:
+                 dev_targets: list[np.ndarray], image_eval: str | None = None,
+                 device: str | None = None) -> list[dict[str, Any]]:
     """Score run_dir/final (and the other heads), write results.json, log the Markdown table.
 
     dev_targets: each teacher's cached vectors of `dev_texts` (for the agreement fallback).
     image_eval: an image-caption .jsonl whose image-text recall of the export is reported too.
+    device: where the models run (the run's accelerator device; None: sentence-transformers' choice).
     """
     folder = Path(sts_dir) if sts_dir else None
     rows: list[dict[str, Any]] = []
     if folder is not None and folder.is_dir():
         try:
             sets = sts.find_sts_sets(folder, split)
-            models = report_models(run_dir, export_head, teachers if score_teachers else [])
+            models = report_models(run_dir, export_head, teachers if score_teachers else [], device)
             rows = sts_rows(models, sets, batch_size, cache_dir)
         except (FileNotFoundError, DataFormatError) as e:  # the student is saved; still report
             logger.warning("STS data unusable (%s); reporting agreement instead.", e)
@@ -100,11 +103,11 @@ def final_report(run_dir: Path, *, export_head: str, teachers: list[TeacherConfi
     if not rows and dev_texts:
         logger.info("No STS data at %s: reporting agreement with the teachers on %d held-out "
                     "texts instead.", folder, min(len(dev_texts), MAX_AGREEMENT_TEXTS))
-        rows = agreement_rows(run_dir / "final", dev_texts, dev_targets, [t.name for t in teachers])
+        rows = agreement_rows(run_dir / "final", dev_texts, dev_targets, [t.name for t in teachers], device)
     elif not rows and not image_eval:
         logger.warning("Nothing to report: no STS data (eval.sts_dir) and no dev texts (data.dev_size).")
         return []
-    images = image_rows(run_dir / "final", image_eval) if image_eval else []
+    images = image_rows(run_dir / "final", image_eval, device) if image_eval else []
     atomic_write_json(run_dir / "results.json", rows + images)
     logger.info("Results (Spearman x100; also in %s):\n%s", run_dir / "results.json",
                 sts.format_table(rows))
@@ -114,7 +117,7 @@ def final_report(run_dir: Path, *, export_head: str, teachers: list[TeacherConfi
     return rows + images
 
 
-def image_rows(final: Path, path: str) -> list[dict[str, Any]]:
+def image_rows(final: Path, path: str, device: str | None = None) -> list[dict[str, Any]]:
     """Image-text Recall@1/5/10 of the export (with its image side) on one image-caption file."""
-    model = ImageTextEncoder("student", final, device="cpu")
+    model = ImageTextEncoder("student", final, device)
     return suite.run_image_text("student", model, [Path(path)])

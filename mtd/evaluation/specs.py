@@ -113,6 +113,7 @@ class StudentHeadEncoder:
     name: str
     folder: Path  # an mtd student folder (runs/NAME/student)
     head: str
+    device: str | None = None
     _loaded: tuple | None = field(default=None, repr=False)
 
     @cached_property
@@ -122,6 +123,7 @@ class StudentHeadEncoder:
     def encode(self, texts: list[str], role: str = "document", batch_size: int = 64) -> np.ndarray:
         if self._loaded is None:
             self._loaded = load_student(self.folder)
+            self._loaded[0].to(self.device or "cpu")
             if self.head not in self._loaded[0].heads:
                 raise ModelSpecError(f"{self.name}: no head {self.head!r}; "
                                      f"heads: {list(self._loaded[0].heads)}.")
@@ -137,6 +139,7 @@ class TeacherEncoder:
 
     name: str
     cfg: config.TeacherConfig
+    device: str | None = None
     _model: object = field(default=None, repr=False)
 
     @cached_property
@@ -150,7 +153,7 @@ class TeacherEncoder:
 
     def encode(self, texts: list[str], role: str = "document", batch_size: int = 64) -> np.ndarray:
         if self._model is None:
-            self._model = teachers.load_teacher(self.cfg, self.folder)
+            self._model = teachers.load_teacher(self.cfg, self.folder, self.device)
         return _normalize(teachers.encode(self._model, texts, self.cfg))
 
 

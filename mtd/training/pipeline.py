@@ -152,6 +152,16 @@ def image_stage_data(cfg: RunConfig, index: int, data: images.ImageCaptions,
     return StageData(dataset, None, images.ImageCaptionDataset.collate, images.StepTaggedSampler)
 
 
+def length_mismatches(cfg: RunConfig) -> list[str]:
+    """A teacher that reads more tokens than the student makes the student match vectors of text
+    it never sees; one that reads fewer, the reverse. Allowed, but said."""
+    student = cfg.student.max_length
+    return [f"teachers.{i} ({t.name}) reads up to {t.max_length} tokens, the student "
+            f"{student} (student.max_length): texts longer than the shorter limit are cut for one "
+            "side only. Set both to the same value unless that is what you want."
+            for i, t in enumerate(cfg.teachers) if t.max_length is not None and t.max_length != student]
+
+
 def run(cfg: RunConfig, resume: bool = False) -> Path:
     """Train every stage of `cfg` (resuming if asked), export, report. Returns the run folder."""
     run_dir = cfg.run_dir
@@ -160,6 +170,8 @@ def run(cfg: RunConfig, resume: bool = False) -> Path:
     corpus = load_corpus(cfg) if text_stages else Corpus([], [])
     if text_stages:
         logger.info("Corpus: %d training texts, %d dev texts.", len(corpus.train), len(corpus.dev))
+        for message in length_mismatches(cfg):
+            logger.warning("%s", message)
     arrays = _teacher_arrays(cfg, corpus.texts, accelerator) if text_stages and cfg.teachers else []
     weights = [t.weight for t in cfg.teachers]
     pairs = load_image_captions(cfg) if any(s.data == "images" for s in cfg.stages) else None
@@ -201,5 +213,5 @@ def run(cfg: RunConfig, resume: bool = False) -> Path:
         run_dir, export_head=head, teachers=cfg.teachers, sts_dir=e.sts_dir, split=e.split,
         batch_size=e.batch_size, score_teachers=e.teachers, cache_dir=Path(cfg.cache_dir),
         dev_texts=corpus.dev, dev_targets=[np.asarray(a[len(corpus.train):]) for a in arrays],
-        image_eval=cfg.images.eval)
+        image_eval=cfg.images.eval, device=str(accelerator.device))
     return run_dir
