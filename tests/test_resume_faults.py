@@ -30,9 +30,10 @@ from test_trainer import (
 
 import train
 from mtd.config import ConfigError, dump_config, load_config
+from mtd.errors import MtdError
 from mtd.io import NotWritableError
 from mtd.synthetic import make_tiny_image_assets
-from mtd.training import pipeline
+from mtd.training import distributed, pipeline
 from mtd.training.checkpoints import DAMAGED_DIR, DataChangedError
 from mtd.training.trainer import RunLogError
 
@@ -281,6 +282,40 @@ def test_unwritable_output_dir_stops_before_any_work(tiny_config, tmp_path, monk
 
 # ---------------------------------------------------------------------------------------------
 # Two processes
+
+
+def test_only_the_main_process_decides_and_the_others_follow(monkeypatch):
+    """main_decides as seen from each of 2 processes (the collective replaced by its effect)."""
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    calls = []
+
+    def decide():
+        calls.append(1)
+        return "the main process's own answer"
+
+    def from_main(answer, src):
+        answer[:] = ["resume from 0-stage1-end", None]
+
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(distributed.dist, "broadcast_object_list", from_main)
+    assert distributed.main_decides(decide) == "resume from 0-stage1-end" and not calls
+
+    refused = RunLogError(Path("log.jsonl"), "invalid JSON", 2)
+    monkeypatch.setattr(distributed.dist, "broadcast_object_list",
+                        lambda answer, src: answer.__setitem__(1, str(refused)))
+    with pytest.raises(MtdError, match=r"The main process stopped: log\.jsonl, line 2: invalid JSON"):
+        distributed.main_decides(decide)
+    assert not calls
+
+    def refuse():
+        raise refused
+
+    sent = []
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(distributed.dist, "broadcast_object_list", lambda answer, src: sent.append(answer))
+    with pytest.raises(RunLogError):
+        distributed.main_decides(refuse)
+    assert sent == [[None, str(refused)]]  # the others hear of it before the main process stops
 
 
 @pytest.mark.multiprocess

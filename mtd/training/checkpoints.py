@@ -120,7 +120,8 @@ def save_checkpoint(accelerator, run_dir: Path, pos: Position, write: Callable[[
             atomic_write_json(tmp / STATE_FILE, state)
             os.rename(tmp, ckpt)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and e.errno is not None and e.filename is None:
             raise OSError(e.errno, e.strerror, str(ckpt)) from e  # a write error names no file
         raise
