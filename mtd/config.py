@@ -396,6 +396,24 @@ def check_resume(saved_yaml: str, cfg: RunConfig) -> None:
         )
 
 
+def check_saved_config(path: Path, cfg: RunConfig) -> None:
+    """--resume of a run with checkpoints: its saved config must be there, readable, and agree with
+    `cfg`. Without it any new values would be accepted silently."""
+    fix = "Restore it (the run's config.yaml), or start a new run (name=NEW_NAME); nothing was changed."
+    if not path.is_file():
+        raise ConfigError(f"--resume: {path}, the config the run was started with, is missing, so the "
+                          f"values given now cannot be checked against it. {fix}")
+    try:
+        text = path.read_text(encoding="utf-8")
+        readable = isinstance(yaml.safe_load(text), dict)
+    except (yaml.YAMLError, UnicodeDecodeError):
+        readable = False
+    if not readable:
+        raise ConfigError(f"--resume: {path}, the config the run was started with, is not a readable "
+                          f"YAML mapping. {fix}")
+    check_resume(text, cfg)
+
+
 def uses_teachers(cfg: RunConfig) -> bool:
     """Whether any stage learns teacher targets or any head is sized to them."""
     return any(s.targets.get(h, "teacher") == "teacher" for s in cfg.stages for h in s.heads) or (

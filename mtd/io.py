@@ -146,6 +146,19 @@ def hash_texts(texts: Iterable[str]) -> str:
     return h.hexdigest()
 
 
+def _hash_into(h: Any, path: Path) -> None:
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+
+
+def hash_file(path: str | Path) -> str:
+    """sha256 of one file's bytes."""
+    h = hashlib.sha256()
+    _hash_into(h, Path(path))
+    return h.hexdigest()
+
+
 def hash_folder(folder: str | Path) -> str:
     """sha256 over the files that define a model (weights, configs, tokenizer), by relative path."""
     folder = Path(folder)
@@ -157,10 +170,34 @@ def hash_folder(folder: str | Path) -> str:
     )
     for p in files:
         h.update(str(p.relative_to(folder)).encode())
-        with p.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
+        _hash_into(h, p)
     return h.hexdigest()
+
+
+class NotWritableError(MtdError, OSError):
+    """An output folder that cannot be created or written; the message names the setting to change."""
+
+
+def check_writable_dir(path: str | Path, setting: str) -> None:
+    """Create `path` if needed and write (and remove) a file in it.
+
+    Called before any work, so a run whose output folder is read-only, or is blocked by a file of
+    the same name, stops at once instead of after hours of work. `setting` says how the user
+    chooses another folder, e.g. "output_dir=PATH".
+    """
+    path = Path(path)
+    blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise NotWritableError(f"Cannot create the folder {path}: {blocking} is a file, not a folder. "
+                               f"Choose another folder ({setting}) or move that file away.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise NotWritableError(f"Cannot write in {path} ({e.strerror or e}): choose a writable folder "
+                               f"({setting}) or fix its permissions.") from None
 
 
 class DataFormatError(MtdError, ValueError):

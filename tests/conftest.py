@@ -63,6 +63,12 @@ def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
+def config(tiny_config, shared_cache) -> Callable[..., RunConfig]:
+    """tiny_config, with the target cache shared between tests (building it is the slow part)."""
+    return lambda *overrides: tiny_config(f"cache_dir={json.dumps(str(shared_cache))}", *overrides)
+
+
+@pytest.fixture
 def offline_datasets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """`datasets`, never reaching the network, caching under this test's tmp_path."""
     datasets = pytest.importorskip("datasets")

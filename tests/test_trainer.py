@@ -31,12 +31,6 @@ TERMS = ("fc1/cos", "fc1/sim", "fc1/resim", "loss", "lr")
 STAGE3_TERMS = ("fc16/sim", "fc16/resim")
 
 
-@pytest.fixture
-def config(tiny_config, shared_cache):
-    """tiny_config, with the target cache shared between tests (building it is the slow part)."""
-    return lambda *overrides: tiny_config(f"cache_dir={json.dumps(str(shared_cache))}", *overrides)
-
-
 def read_log(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
 
@@ -268,7 +262,9 @@ def test_non_finite_loss_stops_with_last_good_checkpoint(config, monkeypatch, ba
 
     def flaky_similarity_loss(s, t):
         value = real(s, t)
-        if torch.is_grad_enabled():  # training steps only; dev evaluation runs under no_grad
+        # Training steps only: dev evaluation runs under no_grad, and its gradient shares take
+        # detached leaf copies (no grad_fn).
+        if torch.is_grad_enabled() and s.grad_fn is not None:
             calls["n"] += 1  # stages 1 and 2 compute one sim term per step
             if calls["n"] == bad_call:
                 return value * float("nan")
@@ -383,7 +379,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(yaml_path: Path, use_cpu: bool = True) -> subprocess.CompletedProcess:
+def _launch(yaml_path: Path, *args: str, use_cpu: bool = True) -> subprocess.CompletedProcess:
     """Two processes on CPU. `accelerate launch --cpu --num_processes 2` is not it: without mpirun
     it starts ONE process. Torchrun under Accelerate (--multi_gpu) with ACCELERATE_USE_CPU is."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
@@ -392,7 +388,7 @@ def _launch(yaml_path: Path, use_cpu: bool = True) -> subprocess.CompletedProces
         env["ACCELERATE_USE_CPU"] = "1"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "train.py", str(yaml_path)]
+           "--main_process_port", str(_free_port()), "train.py", str(yaml_path), *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
 
 

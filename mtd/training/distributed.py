@@ -1,9 +1,15 @@
-"""Collectives used by the objective. Everything is a no-op in a single process."""
+"""Collectives used by the objective and the run's decisions. Everything is a no-op in a single
+process."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 import torch.distributed as dist
+
+from mtd.errors import MtdError
 
 
 def world_size() -> int:
@@ -22,3 +28,30 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     import torch.distributed.nn.functional as dist_nn
 
     return torch.cat(dist_nn.all_gather(x.contiguous()), dim=0)
+
+
+T = TypeVar("T")
+
+
+def main_decides(decide: Callable[[], T]) -> T:
+    """decide() on the main process only; every process returns its result, or raises its error.
+
+    For decisions that write (setting a damaged checkpoint aside) or that must be the same
+    everywhere. The main process re-raises its own error; the others an MtdError with its message
+    (a bad-input error, or an environment OSError), so no process waits forever for the others.
+    """
+    if world_size() == 1:
+        return decide()
+    answer: list = [None, None]
+    failure = None
+    if dist.get_rank() == 0:
+        try:
+            answer[0] = decide()
+        except (MtdError, OSError) as e:
+            failure, answer[1] = e, str(e)
+    dist.broadcast_object_list(answer, src=0)
+    if failure is not None:
+        raise failure
+    if answer[1] is not None:
+        raise MtdError(f"The main process stopped: {answer[1]}")
+    return answer[0]

@@ -13,14 +13,15 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from mtd.config import RunConfig, check_dims, check_resume, dump_config
+from mtd.config import RunConfig, check_dims, check_saved_config, dump_config
 from mtd.data import images
 from mtd.data.corpus import Corpus, TargetDataset, multi_teacher_target, read_corpus
 from mtd.evaluation import report
 from mtd.export import export_student
-from mtd.io import atomic_write_text, load_safetensors
+from mtd.io import atomic_write_text, check_writable_dir, hash_texts, load_safetensors
 from mtd.models.projection import ImagePath, special_ids
 from mtd.models.student import (
     Student,
@@ -36,13 +37,21 @@ from mtd.models.vision import build_tower
 from mtd.synthetic import make_tiny_assets, make_tiny_image_assets
 from mtd.targets import cache
 from mtd.targets.teachers import resolve_model_folder
+from mtd.training.checkpoints import (
+    Checkpoint,
+    check_same_data,
+    has_checkpoints,
+    latest_checkpoint,
+    resolve_resume,
+)
+from mtd.training.distributed import main_decides
 from mtd.training.trainer import (
     CHECKPOINT_FIX,
     StageData,
     check_run_dir,
     collate_texts,
-    latest_checkpoint,
     make_accelerator,
+    start_log,
     train_stages,
 )
 
@@ -78,24 +87,55 @@ def build_student(cfg: RunConfig, target_dim: int | None) -> tuple[Student, obje
     return student, tokenizer
 
 
-def _prepare_run(cfg: RunConfig, resume: bool):
+def _check_output_folders(run_dir: Path) -> None:
+    """The run folder (and its checkpoints/ when there is one) must be writable: checked before
+    any work, so a read-only output_dir does not fail a run only when it first saves."""
+    check_writable_dir(run_dir, "output_dir=PATH")
+    if (run_dir / "checkpoints").is_dir():
+        check_writable_dir(run_dir / "checkpoints", "output_dir=PATH")
+
+
+def _prepare_run(cfg: RunConfig, resume: bool) -> tuple[Accelerator, Checkpoint | None]:
+    """The accelerator, and the verified checkpoint to resume from (None: start from the start).
+    Decisions that read the run folder are the main process's, answered to all."""
     run_dir = cfg.run_dir
     check_run_dir(run_dir, resume)
     accelerator = make_accelerator(cfg.train, run_dir)
-    saved = run_dir / "config.yaml"
-    if resume and saved.is_file() and latest_checkpoint(run_dir) is not None:
-        check_resume(saved.read_text(encoding="utf-8"), cfg)
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(saved, dump_config(cfg))
-        if cfg.synthetic_assets:
-            make_tiny_assets(cfg.synthetic_assets)
-            if any(s.data == "images" for s in cfg.stages):
-                make_tiny_image_assets(Path(cfg.synthetic_assets) / "images")
+    main_decides(lambda: _check_output_folders(run_dir))
+    found = None
+    if resume and has_checkpoints(run_dir):
+        main_decides(lambda: check_saved_config(run_dir / "config.yaml", cfg))
+        found = resolve_resume(run_dir)
+    if accelerator.is_main_process and cfg.synthetic_assets:
+        make_tiny_assets(cfg.synthetic_assets)
+        if any(s.data == "images" for s in cfg.stages):
+            make_tiny_image_assets(Path(cfg.synthetic_assets) / "images")
     accelerator.wait_for_everyone()
     if cfg.train.report_to:
         accelerator.init_trackers(cfg.name, config={"config": dump_config(cfg)})
-    return accelerator
+    return accelerator, found
+
+
+def data_fingerprint(cfg: RunConfig, corpus: Corpus, pairs: images.ImageCaptions | None) -> dict:
+    """What the run trains on: the corpus texts actually used (after shuffling, data.max_texts and
+    the dev split) and the image-caption pairs. Every checkpoint records it, so a resume on
+    changed data is refused (checkpoints.check_same_data)."""
+    found = {}
+    if corpus.texts:
+        found["corpus"] = {"what": "corpus", "files": list(cfg.data.corpus), "unit": "texts",
+                           "count": len(corpus.texts), "sha256": hash_texts(corpus.texts)}
+    if pairs is not None:
+        rows = [f"{pairs.images[i]}\t{c}" for i, c in zip(pairs.owner, pairs.captions, strict=True)]
+        found["images"] = {"what": "image-caption data", "unit": "images",
+                           "files": list(cfg.images.train) or [f"{cfg.images.hub} ({cfg.images.hub_split})"],
+                           "count": len(pairs.images), "sha256": hash_texts(rows)}
+    return found
+
+
+def _start_run(cfg: RunConfig, found: Checkpoint | None) -> None:
+    """Every check passed: record the config and start the log (a refused run changes nothing)."""
+    start_log(cfg.run_dir, found)  # first: it refuses a damaged log before writing anything
+    atomic_write_text(cfg.run_dir / "config.yaml", dump_config(cfg))
 
 
 def _teacher_arrays(cfg: RunConfig, texts: list[str], accelerator) -> list[np.ndarray]:
@@ -165,16 +205,20 @@ def length_mismatches(cfg: RunConfig) -> list[str]:
 def run(cfg: RunConfig, resume: bool = False) -> Path:
     """Train every stage of `cfg` (resuming if asked), export, report. Returns the run folder."""
     run_dir = cfg.run_dir
-    accelerator = _prepare_run(cfg, resume)
+    accelerator, found = _prepare_run(cfg, resume)
     text_stages = any(s.data == "text" for s in cfg.stages)
     corpus = load_corpus(cfg) if text_stages else Corpus([], [])
     if text_stages:
         logger.info("Corpus: %d training texts, %d dev texts.", len(corpus.train), len(corpus.dev))
         for message in length_mismatches(cfg):
             logger.warning("%s", message)
+    pairs = load_image_captions(cfg) if any(s.data == "images" for s in cfg.stages) else None
+    fingerprint = data_fingerprint(cfg, corpus, pairs)
+    if found is not None:  # every process compares the same record with the same data
+        check_same_data(found, fingerprint)
+    main_decides(lambda: _start_run(cfg, found))  # before the teachers: a bad log stops at once
     arrays = _teacher_arrays(cfg, corpus.texts, accelerator) if text_stages and cfg.teachers else []
     weights = [t.weight for t in cfg.teachers]
-    pairs = load_image_captions(cfg) if any(s.data == "images" for s in cfg.stages) else None
     caption_target = _caption_targets(cfg, pairs, accelerator) if pairs is not None else None
     target_dim = sum(a.shape[1] for a in arrays) if arrays else (
         caption_target.shape[1] if caption_target is not None else None)
@@ -195,7 +239,8 @@ def run(cfg: RunConfig, resume: bool = False) -> Path:
         make = partial(image_stage_data, cfg, index, pairs, caption_target, tokenizer)
         return make, len(pairs.images)
 
-    finished = train_stages(accelerator, student, cfg.stages, cfg.train, run_dir, data_for, resume)
+    finished = train_stages(accelerator, student, cfg.stages, cfg.train, run_dir, data_for, found,
+                            fingerprint)
     accelerator.end_training()
     if not finished or not accelerator.is_main_process:
         return run_dir

@@ -4,8 +4,8 @@ A run directory holds:
     config.yaml        the resolved config
     log.jsonl          one row per logging step (every loss term, lr) and per dev evaluation
     checkpoints/       S-NAME-stepK/ (Accelerate state: model, optimizer, scheduler, RNG) and
-                       S-NAME-end/ (student weights) for stage index S named NAME; a checkpoint
-                       counts once its state.json exists
+                       S-NAME-end/ (student weights) for stage index S named NAME, each saved
+                       atomically and verified before a resume (see checkpoints.py)
     student/           the trained student in mtd's format (see student.save_student)
 
 Resuming reloads the newest checkpoint and replays the same data order (StepBatchSampler is a pure
@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -37,21 +36,29 @@ from mtd.config import StageConfig, TrainConfig
 from mtd.data.corpus import StepBatchSampler, TargetDataset
 from mtd.errors import MtdError
 from mtd.io import (
+    DataFormatError,
     append_jsonl,
-    atomic_write_json,
     atomic_write_text,
+    jsonl_objects,
     load_safetensors,
-    read_json,
     reading_weights,
 )
 from mtd.losses.objective import Objective
 from mtd.models.student import Student, set_train_mode, set_trainable, tokenize
+from mtd.training.checkpoints import (
+    Checkpoint,
+    Position,
+    drop_old_mid_stage,
+    latest_checkpoint,
+    save_checkpoint,
+)
 from mtd.training.distributed import gather_with_grad, world_size
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "state.json"
-# A damaged checkpoint: an earlier one can take over (latest_checkpoint picks the newest left).
+LOG_FILE = "log.jsonl"
+LOG_KEYS = ("stage", "step")  # every row has them
+# A damaged checkpoint that slipped past verification: an earlier one can take over.
 CHECKPOINT_FIX = ("move that checkpoint folder out of checkpoints/ and run again with --resume, "
                   "which continues from the newest checkpoint left")
 
@@ -60,66 +67,63 @@ class NonFiniteLossError(MtdError, RuntimeError):
     """Training produced NaN/inf; the last good checkpoint is kept."""
 
 
-@dataclass(frozen=True)
-class Position:
-    """Where training stands: `step` optimizer steps into stage `stage` (done: stage finished)."""
-
-    stage: int = 0
-    step: int = 0
-    done: bool = False
-    name: str = ""  # the stage's name, for folder names and messages
-
-    def key(self) -> tuple[int, float]:
-        return (self.stage, math.inf if self.done else self.step)
-
-
 # ---------------------------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints and the log
 
 
-def _checkpoints(run_dir: Path) -> list[tuple[Path, Position]]:
-    """Finished checkpoints (those with a state.json), oldest position first."""
-    found = [(d, Position(**read_json(d / STATE_FILE)))
-             for d in (run_dir / "checkpoints").glob("*") if (d / STATE_FILE).is_file()]
-    return sorted(found, key=lambda x: x[1].key())
-
-
-def latest_checkpoint(run_dir: Path) -> tuple[Path, Position] | None:
-    found = _checkpoints(run_dir)
-    return found[-1] if found else None
-
-
-def _save_mid_stage(accelerator: Accelerator, run_dir: Path, pos: Position, keep: int) -> Path:
-    ckpt = run_dir / "checkpoints" / f"{pos.stage}-{pos.name}-step{pos.step:07d}"
-    accelerator.save_state(str(ckpt))
-    accelerator.wait_for_everyone()  # every rank's files (its RNG state) are in before it counts
+def _save_mid_stage(accelerator: Accelerator, run_dir: Path, pos: Position, keep: int,
+                    fingerprint: dict) -> Path:
+    ckpt = save_checkpoint(accelerator, run_dir, pos, lambda folder: accelerator.save_state(str(folder)),
+                           fingerprint)
     if accelerator.is_main_process:
-        atomic_write_json(ckpt / STATE_FILE, pos.__dict__)  # written last: marks it complete
-        mids = [d for d, p in _checkpoints(run_dir) if not p.done]
-        for old in mids[: -max(keep, 1)]:
-            shutil.rmtree(old, ignore_errors=True)
+        drop_old_mid_stage(run_dir, keep)
     accelerator.wait_for_everyone()
     return ckpt
 
 
-def _save_stage_end(accelerator: Accelerator, model, run_dir: Path, pos: Position) -> Path:
-    ckpt = run_dir / "checkpoints" / f"{pos.stage}-{pos.name}-end"
+def _save_stage_end(accelerator: Accelerator, model, run_dir: Path, pos: Position,
+                    fingerprint: dict) -> Path:
     state = accelerator.get_state_dict(model)  # full weights even when sharded (FSDP/DeepSpeed)
-    if accelerator.is_main_process:
-        ckpt.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous().cpu() for k, v in state.items()}, str(ckpt / "model.safetensors"))
-        atomic_write_json(ckpt / STATE_FILE, pos.__dict__)
-    accelerator.wait_for_everyone()
-    return ckpt
+
+    def write(folder: Path) -> None:
+        if accelerator.is_main_process:
+            save_file({k: v.contiguous().cpu() for k, v in state.items()}, str(folder / "model.safetensors"))
+
+    return save_checkpoint(accelerator, run_dir, pos, write, fingerprint)
 
 
-def _truncate_log(log_path: Path, pos: Position) -> None:
-    """Drop log rows written after the checkpoint we resume from; they will be written again."""
-    if not log_path.is_file():
-        return
-    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    keep = [r for r in rows if (r["stage"], r["step"]) <= pos.key()]
-    atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in keep))
+class RunLogError(DataFormatError):
+    """A damaged row in log.jsonl before its last one (a torn last row is expected after a crash)."""
+
+    def __init__(self, path, problem: str, line: int | None = None):
+        super().__init__(path, f"{problem}. Repair that line (or delete it, losing that row) and run "
+                               "again with --resume; rows after the checkpoint are written again", line)
+
+
+def _log_rows(log_path: Path) -> list[dict]:
+    """The rows of log.jsonl. A torn last line (a job killed while appending it) is dropped with a
+    warning: its row comes after the checkpoint (a step's rows are written before its
+    checkpoint), so it is written again. A damaged earlier line is an error naming it."""
+    lines = [(n, raw.decode("utf-8", errors="replace"))
+             for n, raw in enumerate(log_path.read_bytes().split(b"\n"), 1) if raw.strip()]
+    rows = [row for _, row in jsonl_objects(log_path, lines[:-1], RunLogError, LOG_KEYS)]
+    try:
+        rows += [row for _, row in jsonl_objects(log_path, lines[-1:], RunLogError, LOG_KEYS)]
+    except RunLogError as e:
+        logger.warning("%s, line %d: dropped an incomplete last row (the job stopped while writing "
+                       "it); it is written again.", log_path, e.line)
+    return rows
+
+
+def start_log(run_dir: Path, found: Checkpoint | None) -> None:
+    """Resuming from `found`: drop the log rows written after it, they will be written again.
+    Starting fresh: drop rows of an earlier attempt that never checkpointed (they do not belong)."""
+    log_path = run_dir / LOG_FILE
+    if found is None:
+        log_path.unlink(missing_ok=True)
+    elif log_path.is_file():
+        keep = [r for r in _log_rows(log_path) if (r["stage"], r["step"]) <= found.pos.key()]
+        atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,10 +199,13 @@ class StageRunner:
     """Trains one stage from `start` to its end (or to the job's step budget)."""
 
     def __init__(self, accelerator, student: Student, stage: StageConfig, index: int,
-                 tcfg: TrainConfig, data: Callable[[Student], StageData], n_train: int, run_dir: Path):
+                 tcfg: TrainConfig, data: Callable[[Student], StageData], n_train: int, run_dir: Path,
+                 fingerprint: dict):
         """data(student) builds the stage's data once the student holds this stage's start weights
-        (image stages read the frozen text side's caption vectors from it); n_train: its rows."""
+        (image stages read the frozen text side's caption vectors from it); n_train: its rows;
+        fingerprint: what the data is, recorded in every checkpoint (see data_fingerprint)."""
         self.acc, self.student, self.run_dir = accelerator, student, run_dir
+        self.fingerprint = fingerprint
         self.stage, self.index, self.tcfg = stage, index, tcfg
         self.make_data, self.data = data, None
         self.objective = Objective.from_stage(stage)
@@ -259,7 +266,7 @@ class StageRunner:
         bar.close()
         end = Position(self.index, step, done=step >= self.total, name=self.stage.name)
         if end.done:
-            _save_stage_end(self.acc, model, self.run_dir, end)
+            _save_stage_end(self.acc, model, self.run_dir, end, self.fingerprint)
         return end
 
     def _train_mode(self, model) -> None:
@@ -295,7 +302,7 @@ class StageRunner:
             self._log(step, self.evaluate(model), prefix="dev/")
         if step < self.total and (step % self.tcfg.save_every == 0 or step == stop):
             _save_mid_stage(self.acc, self.run_dir, Position(self.index, step, name=self.stage.name),
-                            self.tcfg.keep_checkpoints)
+                            self.tcfg.keep_checkpoints, self.fingerprint)
 
     def _log(self, step: int, values: dict[str, float], prefix: str = "") -> None:
         if not values:
@@ -303,7 +310,7 @@ class StageRunner:
         row = {"stage": self.index, "stage_name": self.stage.name, "step": step}
         row |= {prefix + k: v for k, v in values.items()}
         if self.acc.is_main_process:
-            append_jsonl(self.run_dir / "log.jsonl", row)
+            append_jsonl(self.run_dir / LOG_FILE, row)
         if self.tcfg.report_to:
             self.acc.log({prefix + k: v for k, v in values.items()}, step=step)
 
@@ -370,28 +377,25 @@ def make_accelerator(tcfg: TrainConfig, run_dir: Path) -> Accelerator:
 
 def train_stages(accelerator: Accelerator, student: Student, stages: list[StageConfig],
                  tcfg: TrainConfig, run_dir: Path, data_for: Callable[[int], tuple[Callable, int]],
-                 resume: bool) -> bool:
-    """Run every stage not yet finished. Returns True when all stages are done.
+                 found: Checkpoint | None, fingerprint: dict) -> bool:
+    """Run every stage not yet finished, from checkpoint `found` (verified: see resolve_resume)
+    or from the start. Returns True when all stages are done.
 
     data_for(index) -> (data, n_train): a builder of stage `index`'s StageData from the student
     (see StageRunner) and the number of its training rows.
     """
-    found = latest_checkpoint(run_dir) if resume else None
-    pos = found[1] if found else Position()
-    if found and found[1].done:
-        student.load_state_dict(load_safetensors(found[0] / "model.safetensors", CHECKPOINT_FIX))
-        pos = Position(found[1].stage + 1)
-    if accelerator.is_main_process:
-        if found:
-            logger.info("Resuming from %s", found[0])
-            _truncate_log(run_dir / "log.jsonl", found[1])
-        else:  # a fresh start: rows of an earlier attempt that never checkpointed do not belong
-            (run_dir / "log.jsonl").unlink(missing_ok=True)
+    pos = found.pos if found else Position()
+    if found and found.pos.done:
+        student.load_state_dict(load_safetensors(found.path / "model.safetensors", CHECKPOINT_FIX))
+        pos = Position(found.pos.stage + 1)
+    if found and accelerator.is_main_process:
+        logger.info("Resuming from %s", found.path)
     budget = tcfg.max_steps_per_job
     for index in range(pos.stage, len(stages)):
         start = pos.step if index == pos.stage else 0
-        resume_from = found[0] if found and not found[1].done and index == found[1].stage else None
-        runner = StageRunner(accelerator, student, stages[index], index, tcfg, *data_for(index), run_dir)
+        resume_from = found.path if found and not found.pos.done and index == found.pos.stage else None
+        runner = StageRunner(accelerator, student, stages[index], index, tcfg, *data_for(index), run_dir,
+                             fingerprint)
         end = runner.run(start, resume_from, budget)
         if not end.done:
             logger.info("Stopped after the job's step budget (train.max_steps_per_job); "
