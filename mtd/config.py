@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -201,13 +202,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):
-        try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:  # a quoted number, e.g. '3e-4'
             return float(value)
         except ValueError:
             pass
     if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
-    raise ConfigError(f"'{where}' must be {getattr(tp, '__name__', tp)}, got {value!r}.")
+    hint = " (write true or false)" if tp is bool else ""
+    raise ConfigError(f"'{where}' must be {getattr(tp, '__name__', tp)}, got {value!r}{hint}.")
 
 
 def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
@@ -235,6 +237,63 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
+# YAML as configs mean it
+
+_BOOL, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
+_EXPONENT_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$")  # 1e-4: YAML 1.1 says string
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader (plain data only, no objects) with YAML 1.2's booleans: only
+    true/false are booleans, so `no`, `off`, `yes`, `on` stay strings as written (e.g.
+    `mixed_precision: no`). 1e-4 is a float, and a key given twice is an error rather than the
+    last one silently winning."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.value != "<<":
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping", node.start_mark,
+                        f"key {key_node.value!r} is given twice; keep one", key_node.start_mark)
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ConfigLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                   list("tTfF"))
+ConfigLoader.add_implicit_resolver(_FLOAT, _EXPONENT_FLOAT, list("-+0123456789"))
+
+
+class ConfigDumper(yaml.SafeDumper):
+    """Quotes strings that either YAML 1.1 or ConfigLoader would read as another type."""
+
+
+ConfigDumper.add_implicit_resolver(_FLOAT, _EXPONENT_FLOAT, list("-+0123456789"))
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Plain data from YAML text; a syntax error names `source`, line and column, and the problem."""
+    try:
+        return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as e:
+        mark, start = e.problem_mark or e.context_mark, e.context_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        context = f" ({e.context}{f' from line {start.line + 1}' if start else ''})" if e.context else ""
+        hint = "" if isinstance(e, yaml.constructor.ConstructorError) else (
+            " Fix it there (often: a tab in the indentation, an unclosed [ or {, or a value with "
+            "': ' that needs quotes).")
+        raise ConfigError(f"{where}: invalid YAML: {e.problem or e}{context}.{hint}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: invalid YAML: {e}.") from None
+
+
+# ---------------------------------------------------------------------------------------------
 # Overrides: `a.b=value`, `stages.1.lr=3e-5`
 
 
@@ -242,7 +301,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"Override '{item}' must look like key.path=value (e.g. train.seed=1).")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), load_yaml(raw, f"override {item!r}, value") if raw.strip() else ""
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -273,8 +332,11 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Config file {path} not found. Pass a YAML file such as configs/tiny.yaml.")
-    with path.open(encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8.") from None
+    data = load_yaml(text, str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of config sections.")
     cfg = from_dict(RunConfig, apply_overrides(data, list(overrides)))
@@ -283,7 +345,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def dump_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    return yaml.dump(to_dict(cfg), Dumper=ConfigDumper, sort_keys=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,7 +444,7 @@ def _flatten(value: Any, key: str = "") -> dict[str, Any]:
 
 def check_resume(saved_yaml: str, cfg: RunConfig) -> None:
     """Refuse to resume a run with a config that changes what it trains."""
-    old, new = _flatten(yaml.safe_load(saved_yaml) or {}), _flatten(to_dict(cfg))
+    old, new = _flatten(load_yaml(saved_yaml, "the run's config.yaml") or {}), _flatten(to_dict(cfg))
     changed = sorted(k for k in old.keys() | new.keys()
                      if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES))
     if changed:
