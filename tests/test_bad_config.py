@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
+import types
+import typing
 from pathlib import Path
 
 import pytest
 
-from mtd.config import ConfigError, RunConfig, dump_config, load_config
+from mtd.config import RANGE, ConfigError, RunConfig, dump_config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -79,3 +83,94 @@ def test_strings_that_look_like_other_types_survive_a_dump(tmp_path):
     cfg = _load("teachers.0.prompt='1e5'", "teachers.1.prompt=no", "name='on'")
     again = load_config(_write(tmp_path, dump_config(cfg)))
     assert again == cfg and again.teachers[0].prompt == "1e5" and again.name == "on"
+
+
+# --- numeric ranges: declared for every numeric field, checked generically ------------------------------
+
+
+def _config_classes(cls: type = RunConfig) -> list[type]:
+    """RunConfig and every config dataclass reachable from its fields."""
+    found = [cls]
+    for tp in typing.get_type_hints(cls).values():
+        for leaf in _leaves(tp):
+            if dataclasses.is_dataclass(leaf) and leaf not in found:
+                found += [c for c in _config_classes(leaf) if c not in found]
+    return found
+
+
+def _leaves(tp) -> list:
+    """int for `list[int] | None`, float for `dict[str, float]`, ...: the types values take."""
+    args = typing.get_args(tp)
+    if not args:
+        return [tp]
+    if typing.get_origin(tp) is dict:
+        args = args[1:]
+    return [leaf for a in args for leaf in _leaves(a)]
+
+
+def _numeric_fields() -> list[tuple[type, dataclasses.Field]]:
+    return [(cls, f) for cls in _config_classes() for f in dataclasses.fields(cls)
+            if {int, float} & set(_leaves(typing.get_type_hints(cls)[f.name]))]
+
+
+def test_every_numeric_config_field_declares_its_range():
+    numeric = _numeric_fields()
+    assert len(numeric) >= 30  # the walk really finds them
+    missing = [f"{cls.__name__}.{f.name}" for cls, f in numeric if RANGE not in f.metadata]
+    assert not missing, f"numeric config fields without a declared range (use config.num): {missing}"
+
+
+# Where each config class sits in configs/tiny.yaml (student.vision is added for the test).
+PREFIX = {"RunConfig": "", "TeacherConfig": "teachers.0.", "DataConfig": "data.", "ImagesConfig": "images.",
+          "VisionConfig": "student.vision.", "StudentConfig": "student.", "StageConfig": "stages.0.",
+          "TrainConfig": "train.", "EvalConfig": "eval."}
+
+
+def _bad_values(valid, integer: bool) -> list[str]:
+    """Values just outside `valid` as YAML, and (float fields) NaN and infinity, never valid."""
+    bad = [] if integer else [".nan", ".inf"]
+    written = (lambda x: str(int(x))) if integer else (lambda x: repr(float(x)))
+    if valid.low != -math.inf:
+        bad.append(written(valid.low if valid.low_open else valid.low - 1))
+    if valid.high != math.inf:
+        bad.append(written(valid.high if valid.high_open else valid.high + 1))
+    return bad
+
+
+def _container(tp) -> type | None:
+    """list or dict for `list[int] | None`, `dict[str, float]`; None for a plain number."""
+    union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+    origins = {typing.get_origin(a) for a in (typing.get_args(tp) if union else (tp,))}
+    return next((o for o in (list, dict) if o in origins), None)
+
+
+@pytest.mark.parametrize("cls, f", [pytest.param(c, f, id=f"{c.__name__}.{f.name}")
+                                    for c, f in _numeric_fields()])
+def test_every_declared_range_is_enforced_at_load(cls, f):
+    assert set(PREFIX) == {c.__name__ for c in _config_classes()}, "add the new config class to PREFIX"
+    tp = typing.get_type_hints(cls)[f.name]
+    key = PREFIX[cls.__name__] + f.name
+    for text in _bad_values(f.metadata[RANGE], integer=float not in _leaves(tp)):
+        value, shown = {list: (f"[{text}]", f"{key}.0"), dict: (f"{{cos: {text}}}", f"{key}.cos")}.get(
+            _container(tp), (text, key))
+        with pytest.raises(ConfigError, match=rf"^{re.escape(shown)}=.* is out of range: it must be "):
+            _load("student.vision={kind: timm, name: vit_tiny_patch16_224}", f"{key}={value}")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("teachers.1.batch_size=0", "teachers.1.batch_size=0 is out of range: it must be at least 1."),
+    ("train.num_workers=-1", "train.num_workers=-1 is out of range: it must be at least 0."),
+    ("data.max_texts=-5", "data.max_texts=-5 is out of range: it must be at least 1."),
+    ("train.max_grad_norm=-1", "train.max_grad_norm=-1.0 is out of range: it must be more than 0."),
+    ("stages.0.warmup_ratio=1", "stages.0.warmup_ratio=1.0 is out of range: it must be in [0, 1)."),
+    ("stages.2.weights.sim=-200", "stages.2.weights.sim=-200.0 is out of range: it must be at least 0."),
+    ("stages.0.batch_size=1", "stages.0.batch_size=1 is out of range: it must be at least 2 (in-batch "
+                              "losses compare the texts of a batch)."),
+    ("train.seed=-1", "train.seed=-1 is out of range: it must be in [0, 4294967295]."),
+    ("stages.1.lr=.nan", "stages.1.lr=nan is out of range: it must be more than 0."),
+    ("teachers.0.weight=0", "teachers.0.weight=0.0 is out of range: it must be more than 0 (to leave a "
+                            "teacher out, remove it)."),
+])
+def test_range_messages_name_the_dotted_key_and_the_valid_range(override, message):
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        _load(override)
