@@ -10,8 +10,10 @@ import typing
 from pathlib import Path
 
 import pytest
+import torch
 
 from mtd.config import RANGE, ConfigError, RunConfig, dump_config, load_config
+from mtd.training import pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -174,3 +176,16 @@ def test_every_declared_range_is_enforced_at_load(cls, f):
 def test_range_messages_name_the_dotted_key_and_the_valid_range(override, message):
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
         _load(override)
+
+
+# --- mixed precision -------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is valid where there is a GPU")
+def test_fp16_without_a_gpu_is_refused_before_anything_runs(tiny_config):
+    cfg = tiny_config("train.mixed_precision=fp16")
+    with pytest.raises(ConfigError, match=r"^train\.mixed_precision=fp16 needs a GPU.*silently ignored.*"
+                                          r"train\.mixed_precision=bf16.*train\.mixed_precision=no"):
+        pipeline.run(cfg)
+    assert not cfg.run_dir.exists()  # no config.yaml that says fp16
+    assert not Path(cfg.cache_dir).exists()  # no teacher ran
