@@ -77,7 +77,7 @@ def num(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSIN
 @dataclass
 class TeacherConfig:
     name: str  # short name used in cache folders and logs
-    path: str  # local folder (sentence-transformers or transformers) or hub id
+    path: str  # local folder (sentence-transformers or transformers), hub id or hf:ORG/NAME
     prompt: str = ""  # prepended to every text, e.g. "query: " (sentence-transformers prompt)
     max_length: int | None = num(None, ge=1)  # tokens; None keeps the model's own max_seq_length
     batch_size: int = num(64, ge=1)  # encode batch size while filling the target cache
@@ -102,7 +102,7 @@ class DataConfig:
 @dataclass
 class VisionConfig:
     kind: str  # vision tower registry name: open_clip | timm | transformers (mtd/models/vision.py)
-    name: str  # model name (open_clip, timm) or folder / hub id (transformers)
+    name: str  # model name (open_clip, timm) or folder / hub id / hf:ORG/NAME (transformers)
     pretrained: str | None = None  # open_clip tag or checkpoint; timm: weights file or "timm"
     model_config: dict[str, Any] = field(default_factory=dict)  # extra build kwargs (tiny models)
     tokens: int = num(32, ge=1)  # K: vision tokens entering the text encoder after the projection pool

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mtd.hf import resolve_model
 from mtd.io import atomic_write_json, read_json
 from mtd.models.student import Student, StudentError, load_student
 
@@ -92,7 +93,7 @@ class ImageTextModel:
         from mtd.models.projection import build_image_path
         from mtd.models.vision import ImagePreprocess
 
-        folder = Path(folder)
+        folder = resolve_model(str(folder), "image-text model")
         config_path = folder / IMAGE_DIR / "config.json"
         if not config_path.is_file():
             raise StudentError(f"{folder} has no image side ({IMAGE_DIR}/config.json): it was exported "

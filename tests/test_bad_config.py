@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
+import shutil
 import types
 import typing
 from pathlib import Path
@@ -13,6 +15,7 @@ import pytest
 import torch
 
 from mtd.config import RANGE, ConfigError, RunConfig, dump_config, load_config
+from mtd.hf import ModelPathError, resolve_model
 from mtd.training import pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,3 +192,151 @@ def test_fp16_without_a_gpu_is_refused_before_anything_runs(tiny_config):
         pipeline.run(cfg)
     assert not cfg.run_dir.exists()  # no config.yaml that says fp16
     assert not Path(cfg.cache_dir).exists()  # no teacher ran
+
+
+# --- model paths: one resolver -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def hub(monkeypatch, tiny_assets):
+    """huggingface_hub.snapshot_download replaced: records repo ids, "downloads" teacher_a."""
+    import huggingface_hub
+
+    calls: list[str] = []
+
+    def fake(repo_id, **kwargs):
+        calls.append(repo_id)
+        if repo_id == "org/missing":
+            raise OSError("404 Client Error: Repository Not Found")
+        return str(tiny_assets / "teacher_a")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    return calls
+
+
+@pytest.mark.parametrize("path", ["models/all-MiniLM-L6-v3", "runs/nope/final", "mine/model", "./model",
+                                  "~/nope-model", "/abs/model"])
+def test_a_local_looking_path_that_is_missing_is_never_downloaded(hub, tmp_path, monkeypatch, path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine").mkdir()  # its first component exists: a local path
+    with pytest.raises(ModelPathError, match=rf"^teachers\.0\.path: '{re.escape(path)}' is not a folder on "
+                                             r"this machine.*scripts/setup\.sh.*hf:ORG/NAME"):
+        resolve_model(path, "teachers.0.path")
+    assert hub == []
+
+
+def test_hub_ids_explicit_and_bare(hub, tiny_assets, caplog):
+    assert resolve_model("hf:org/name", "teacher a") == tiny_assets / "teacher_a"
+    assert hub == ["org/name"]  # the prefix is stripped
+    with caplog.at_level("INFO", logger="mtd.hf"):
+        resolve_model("sentence-transformers/all-MiniLM-L6-v2", "teacher a")
+    assert hub[-1] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert "loading 'sentence-transformers/all-MiniLM-L6-v2' from the hub" in caplog.text
+    with pytest.raises(ModelPathError, match=r"^teacher a: 'hf:org/missing' cannot be downloaded from the "
+                                             r"Hugging Face hub \(OSError: 404.*Check the id"):
+        resolve_model("hf:org/missing", "teacher a")
+
+
+def _copy(src: Path, dst: Path, drop: str | None = None, add: dict[str, bytes] | None = None) -> Path:
+    shutil.copytree(src, dst)
+    if drop:
+        (dst / drop).unlink()
+    for name, data in (add or {}).items():
+        (dst / name).write_bytes(data)
+    return dst
+
+
+def test_a_folder_without_weights_or_with_pickle_only_is_refused(tiny_assets, tmp_path):
+    bare = _copy(tiny_assets / "teacher_a", tmp_path / "bare", drop="model.safetensors")
+    with pytest.raises(ModelPathError, match=rf"^teacher a: {re.escape(str(bare))} has config\.json but no "
+                                             r"weights \(model\.safetensors\).*scripts/setup\.sh"):
+        resolve_model(str(bare), "teacher a")
+    pickled = _copy(tiny_assets / "teacher_a", tmp_path / "pickled", drop="model.safetensors",
+                    add={"pytorch_model.bin": b"not loaded"})
+    with pytest.raises(ModelPathError, match=r"only pickle weights \(pytorch_model\.bin\); mtd loads "
+                                             r"safetensors only"):
+        resolve_model(str(pickled), "teacher a")
+    sharded = _copy(tiny_assets / "teacher_a", tmp_path / "sharded", drop="model.safetensors",
+                    add={"model.safetensors.index.json": b"{}"})
+    assert resolve_model(str(sharded), "teacher a") == sharded
+    assert resolve_model(str(bare), "student.path", weights=False) == bare  # a tokenizer is enough
+    with pytest.raises(ModelPathError, match=r"holds no model \(no config\.json or modules\.json\)"):
+        resolve_model(str(tmp_path), "teacher a")
+
+
+def test_weights_of_a_nested_sentence_transformers_module_are_checked(tiny_assets, tmp_path):
+    folder = tmp_path / "st"
+    shutil.copytree(tiny_assets / "teacher_a", folder / "0_Transformer")
+    modules = [{"idx": 0, "name": "0", "path": "0_Transformer",
+                "type": "sentence_transformers.models.Transformer"}]
+    (folder / "modules.json").write_text(json.dumps(modules))
+    assert resolve_model(str(folder), "teacher a") == folder
+    (folder / "0_Transformer" / "model.safetensors").unlink()
+    with pytest.raises(ModelPathError, match=r"0_Transformer has config\.json but no weights"):
+        resolve_model(str(folder), "teacher a")
+
+
+@pytest.mark.parametrize("override, key", [
+    ("teachers.1.path=models/no-such-teacher", r"teachers\.1\.path \(teacher teacher_b\): 'models/no-such"),
+    ("student.init=teacher", r"student\.path: .*student-without-weights has config\.json but no weights"),
+])
+def test_a_run_checks_every_model_path_before_any_teacher_runs(tiny_config, tiny_assets, tmp_path,
+                                                               override, key):
+    broken = _copy(tiny_assets / "teacher_a", tmp_path / "student-without-weights", drop="model.safetensors")
+    cfg = tiny_config(override, f"student.path={json.dumps(str(broken))}" if "student" in override else
+                      "train.seed=0")
+    with pytest.raises(ModelPathError, match=key):
+        pipeline.run(cfg)
+    assert not Path(cfg.cache_dir).exists()  # teacher_a did not run first
+
+
+def test_eval_specs_use_the_same_resolver(hub, tiny_assets, tmp_path):
+    from mtd.evaluation.specs import ModelSpecError, SentenceTransformerEncoder, parse_models
+
+    models = parse_models(["a=hf:org/name"])
+    assert isinstance(models["a"], SentenceTransformerEncoder) and hub == ["org/name"]
+    with pytest.raises(ModelSpecError, match=r"'models/nope' is not a folder on this machine.*hf:ORG/NAME"):
+        parse_models(["models/nope"])
+    bare = _copy(tiny_assets / "teacher_a", tmp_path / "bare", drop="model.safetensors")
+    with pytest.raises(ModelPathError, match=r"^Model '.*bare': .*bare has config\.json but no weights"):
+        parse_models([str(bare)])
+
+
+def test_a_transformers_vision_tower_path_uses_the_resolver(hub):
+    from mtd.models.vision import build_tower
+
+    with pytest.raises(ModelPathError, match=r"^student\.vision\.name: 'models/siglip-nope' is not a folder"):
+        build_tower("transformers", "models/siglip-nope")
+    assert hub == []
+
+
+def test_a_transformers_tower_from_a_config_loads_its_folder_through_the_resolver(tiny_config, tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    folder = tmp_path / "clip"
+    tiny = CLIPVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                            image_size=32, patch_size=8)
+    CLIPVisionModel(tiny).save_pretrained(folder)
+    vision = f"student.vision={{kind: transformers, name: {json.dumps(str(folder))}, tokens: 4}}"
+    student, _ = pipeline.build_student(tiny_config(vision), 80)  # model_config {}: the folder's
+    assert student.image.tower.width == 32
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ModelPathError, match=r"^student\.vision\.name: .*clip has config\.json but no "):
+        pipeline.build_student(tiny_config(vision), 80)
+
+
+def test_an_incomplete_mtd_student_folder_is_named(tiny_assets, tmp_path):
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from mtd.models.student import HEADS_FILE, Student, StudentError, load_student, save_student
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_assets / "tokenizer")
+    encoder = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=8, num_hidden_layers=1,
+                                   num_attention_heads=2, intermediate_size=16))
+    save_student(Student(encoder, {"fc1": 4}), tokenizer, tmp_path / "s", 16)
+    (tmp_path / "s" / HEADS_FILE).unlink()
+    with pytest.raises(StudentError, match=rf"lacks {HEADS_FILE}: the folder is incomplete"):
+        load_student(tmp_path / "s")
+    (tmp_path / "s" / "encoder" / "model.safetensors").unlink()
+    with pytest.raises(ModelPathError, match=r"encoder has config\.json but no weights"):
+        load_student(tmp_path / "s")

@@ -352,7 +352,10 @@ def load_st_encoder(model_path: str, device: str = "cpu") -> Encode:
     ``partial(load_st_encoder, path)``. The encoder shows no progress bar (it is being timed)."""
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(model_path, device=device)
+    from mtd.hf import resolve_model
+
+    model = SentenceTransformer(str(resolve_model(model_path, f"speed model {model_path!r}")),
+                                device=device)
     return partial(_st_encode, model)
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mtd.errors import MtdError
+from mtd.hf import require_weights, transformer_subfolder
 from mtd.io import atomic_write_json, read_json
 
 logger = logging.getLogger(__name__)
@@ -69,16 +70,6 @@ class Student(nn.Module):
 
 # ---------------------------------------------------------------------------------------------
 # Building
-
-
-def transformer_subfolder(folder: Path) -> Path:
-    """Where the transformers weights sit: a sentence-transformers folder may nest them."""
-    modules = folder / "modules.json"
-    if modules.is_file():
-        for module in read_json(modules):
-            if module["type"].endswith("Transformer"):
-                return folder / module["path"]
-    return folder
 
 
 def layer_list(model: nn.Module) -> nn.ModuleList:
@@ -205,6 +196,13 @@ def load_student(folder: str | Path):
     if not (folder / STUDENT_FILE).is_file():
         raise StudentError(f"{folder} is not an mtd student folder (no {STUDENT_FILE}).")
     meta = read_json(folder / STUDENT_FILE)
+    require_weights(folder / "encoder", f"mtd student {folder}")
+    wanted = [HEADS_FILE, IMAGE_FILE] if "image" in meta else [HEADS_FILE]
+    missing = [name for name in wanted if not (folder / name).is_file()]
+    if missing:
+        raise StudentError(f"mtd student {folder} lacks {', '.join(missing)}: the folder is incomplete. "
+                           "Copy it again (a run's student/: `train.py CONFIG --resume` rebuilds it "
+                           "from the last checkpoint).")
     encoder = AutoModel.from_pretrained(folder / "encoder", use_safetensors=True).float()
     image = None
     if "image" in meta:

@@ -192,7 +192,7 @@ def build_teacher_cache(
     """
     if not texts:
         raise CacheError("Cannot build a target cache for an empty corpus.")
-    model_folder = teachers.resolve_model_folder(cfg.path)
+    model_folder = teachers.teacher_folder(cfg)
     identity = teachers.teacher_identity(cfg, model_folder)
     corpus_sha = hash_texts(texts)
     folder = cache_folder(Path(root), identity, corpus_sha, len(texts))

@@ -21,6 +21,7 @@ from mtd.data import images
 from mtd.data.corpus import Corpus, TargetDataset, multi_teacher_target, read_corpus
 from mtd.evaluation import report
 from mtd.export import export_student
+from mtd.hf import resolve_model
 from mtd.io import atomic_write_text
 from mtd.models.projection import ImagePath, special_ids
 from mtd.models.student import (
@@ -36,7 +37,6 @@ from mtd.models.student import (
 from mtd.models.vision import build_tower
 from mtd.synthetic import make_tiny_assets, make_tiny_image_assets
 from mtd.targets import cache
-from mtd.targets.teachers import resolve_model_folder
 from mtd.training.trainer import (
     StageData,
     check_run_dir,
@@ -57,11 +57,30 @@ def load_corpus(cfg: RunConfig) -> Corpus:
                        dev_size=d.dev_size, max_chars=d.max_chars, shuffle=d.shuffle, seed=d.seed)
 
 
+def student_folder(cfg: RunConfig) -> str | None:
+    """student.path as a local folder: weights checked where the init loads them from it (an mtd
+    run's are checked by load_student; scratch reads only the tokenizer)."""
+    s = cfg.student
+    if s.path is None:
+        return None
+    return str(resolve_model(s.path, "student.path", weights=s.init not in ("scratch", "run")))
+
+
+def check_model_paths(cfg: RunConfig) -> None:
+    """Every model the run will load exists (or downloads) and holds loadable weights, before the
+    first teacher runs: a missing second teacher or student would otherwise stop the run late."""
+    for i, teacher in enumerate(cfg.teachers):
+        resolve_model(teacher.path, f"teachers.{i}.path (teacher {teacher.name})")
+    student_folder(cfg)
+    v = cfg.student.vision
+    if v is not None and v.kind == "transformers" and not v.model_config:
+        resolve_model(v.name, "student.vision.name")
+
+
 def build_student(cfg: RunConfig, target_dim: int | None) -> tuple[Student, object]:
     """The configured student; with student.vision, an image path around a new tower."""
     s = cfg.student
-    path = s.path if s.init == "scratch" or s.path is None else str(
-        resolve_model_folder(s.path, what="student"))
+    path = student_folder(cfg)
     if s.init == "run":
         folder = Path(path) / "student" if (Path(path) / "student").is_dir() else Path(path)
         student, tokenizer, _ = load_student(folder)
@@ -72,7 +91,8 @@ def build_student(cfg: RunConfig, target_dim: int | None) -> tuple[Student, obje
         student = Student(encoder, resolve_head_dims(s.heads, target_dim or 0))
     if s.vision is not None and student.image is None:
         v = s.vision
-        tower = build_tower(v.kind, v.name, v.pretrained, v.model_config, v.trust_remote_code)
+        # an empty model_config means "none": the tower's own (a folder, a pretrained tag)
+        tower = build_tower(v.kind, v.name, v.pretrained, v.model_config or None, v.trust_remote_code)
         student.image = ImagePath(tower, student.encoder.config.hidden_size, v.tokens, v.projection,
                                   *special_ids(tokenizer))
     return student, tokenizer
@@ -156,6 +176,7 @@ def run(cfg: RunConfig, resume: bool = False) -> Path:
     """Train every stage of `cfg` (resuming if asked), export, report. Returns the run folder."""
     run_dir = cfg.run_dir
     accelerator = _prepare_run(cfg, resume)
+    check_model_paths(cfg)
     text_stages = any(s.data == "text" for s in cfg.stages)
     corpus = load_corpus(cfg) if text_stages else Corpus([], [])
     if text_stages:
