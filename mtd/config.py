@@ -598,3 +598,22 @@ def check_dims(cfg: RunConfig, head_dims: dict[str, int], target_dim: int) -> No
                     f"{head_dims[head]} and its target ({source}) has {want}. Use only sim/resim "
                     f"for this head, or set student.heads.{head}: {fix}."
                 )
+
+
+def check_batch_sizes(cfg: RunConfig, rows: dict[str, int], processes: int) -> None:
+    """Each stage's global batch against its training rows ({"text": N, "images": M}, those read)
+    and the number of processes. Checked once the data is read and before any teacher runs: the
+    stage itself would fail only when it starts, after the teachers and earlier stages."""
+    held_out = {"text": f"training texts (after data.dev_size={cfg.data.dev_size} held out)",
+                "images": "training images (those that decode)"}
+    for i, stage in enumerate(cfg.stages):
+        n = rows.get(stage.data)
+        if n is not None and stage.batch_size > n:
+            raise ConfigError(
+                f"stages.{i} ({stage.name}): batch_size {stage.batch_size} is larger than the {n} "
+                f"{held_out[stage.data]}. Lower stages.{i}.batch_size to {n} or less, or give "
+                "more data.")
+        if stage.batch_size % processes:
+            raise ConfigError(
+                f"stages.{i} ({stage.name}): the global batch_size {stage.batch_size} does not "
+                f"divide evenly over {processes} processes; use a multiple of {processes}.")

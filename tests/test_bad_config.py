@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtd.config import RANGE, ConfigError, RunConfig, dump_config, load_config
+from mtd.config import RANGE, ConfigError, RunConfig, check_batch_sizes, dump_config, load_config
 from mtd.hf import ModelPathError, resolve_model
 from mtd.training import pipeline
 
@@ -340,3 +340,26 @@ def test_an_incomplete_mtd_student_folder_is_named(tiny_assets, tmp_path):
     (tmp_path / "s" / "encoder" / "model.safetensors").unlink()
     with pytest.raises(ModelPathError, match=r"encoder has config\.json but no weights"):
         load_student(tmp_path / "s")
+
+
+# --- batch sizes against the data, before the teachers run -----------------------------------------------
+
+
+def test_a_stage_batch_larger_than_the_training_texts_stops_before_the_teachers(tiny_config):
+    cfg = tiny_config("data.max_texts=250", "stages.2.batch_size=64")  # 250 - 200 dev = 50 texts
+    with pytest.raises(ConfigError, match=r"^stages\.2 \(stage3\): batch_size 64 is larger than the 50 "
+                                          r"training texts \(after data\.dev_size=200 held out\)\. Lower "
+                                          r"stages\.2\.batch_size to 50 or less"):
+        pipeline.run(cfg)
+    assert not Path(cfg.cache_dir).exists()  # no teacher ran
+
+
+def test_image_stage_batches_and_process_counts_are_checked_too():
+    cfg = load_config(ROOT / "configs" / "tiny-multimodal.yaml")
+    check_batch_sizes(cfg, {"text": 2800, "images": 32}, 1)
+    with pytest.raises(ConfigError, match=r"^stages\.3 \(stage4\): batch_size 32 is larger than the 20 "
+                                          r"training images"):
+        check_batch_sizes(cfg, {"text": 2800, "images": 20}, 1)
+    with pytest.raises(ConfigError, match=r"^stages\.0 \(stage1\): the global batch_size 32 does not divide "
+                                          r"evenly over 3 processes; use a multiple of 3"):
+        check_batch_sizes(cfg, {"text": 2800, "images": 32}, 3)

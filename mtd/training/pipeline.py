@@ -16,7 +16,7 @@ import numpy as np
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
-from mtd.config import RunConfig, check_dims, check_resume, dump_config
+from mtd.config import RunConfig, check_batch_sizes, check_dims, check_resume, dump_config
 from mtd.data import images
 from mtd.data.corpus import Corpus, TargetDataset, multi_teacher_target, read_corpus
 from mtd.evaluation import report
@@ -181,9 +181,11 @@ def run(cfg: RunConfig, resume: bool = False) -> Path:
     corpus = load_corpus(cfg) if text_stages else Corpus([], [])
     if text_stages:
         logger.info("Corpus: %d training texts, %d dev texts.", len(corpus.train), len(corpus.dev))
+    pairs = load_image_captions(cfg) if any(s.data == "images" for s in cfg.stages) else None
+    rows = {"text": len(corpus.train)} | ({"images": len(pairs.images)} if pairs is not None else {})
+    check_batch_sizes(cfg, rows, accelerator.num_processes)
     arrays = _teacher_arrays(cfg, corpus.texts, accelerator) if text_stages and cfg.teachers else []
     weights = [t.weight for t in cfg.teachers]
-    pairs = load_image_captions(cfg) if any(s.data == "images" for s in cfg.stages) else None
     caption_target = _caption_targets(cfg, pairs, accelerator) if pairs is not None else None
     target_dim = sum(a.shape[1] for a in arrays) if arrays else (
         caption_target.shape[1] if caption_target is not None else None)
