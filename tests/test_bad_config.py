@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mtd import config as config_module
 from mtd.config import RANGE, ConfigError, RunConfig, check_batch_sizes, dump_config, load_config
 from mtd.hf import ModelPathError, resolve_model
 from mtd.training import pipeline
@@ -363,3 +364,58 @@ def test_image_stage_batches_and_process_counts_are_checked_too():
     with pytest.raises(ConfigError, match=r"^stages\.0 \(stage1\): the global batch_size 32 does not divide "
                                           r"evenly over 3 processes; use a multiple of 3"):
         check_batch_sizes(cfg, {"text": 2800, "images": 32}, 3)
+
+
+# --- positions ------------------------------------------------------------------------------------------
+
+
+def test_student_max_length_beyond_its_positions_is_refused_when_built(tiny_config):
+    cfg = tiny_config("student.max_length=65")  # tiny BERT: 64 positions
+    with pytest.raises(config_module.MtdError, match=r"^student\.max_length=65 is more than the 64 "
+                                                     r"positions the student's encoder \(BertModel\) takes"):
+        pipeline.build_student(cfg, 80)
+    pipeline.build_student(tiny_config("student.max_length=64"), 80)
+
+
+def test_roberta_style_positions_leave_out_the_padding_offset(tiny_config):
+    roberta = ["student.model_config.model_type=roberta", "student.model_config.pad_token_id=0",
+               "student.model_config.max_position_embeddings=66"]  # positions start at pad + 1
+    with pytest.raises(config_module.MtdError, match=r"max_length=66 is more than the 65 positions"):
+        pipeline.build_student(tiny_config(*roberta, "student.max_length=66"), 80)
+    pipeline.build_student(tiny_config(*roberta, "student.max_length=65"), 80)
+
+
+def test_a_run_with_too_long_a_student_stops_before_training(tiny_config):
+    cfg = tiny_config("student.max_length=65")
+    with pytest.raises(config_module.MtdError, match=r"student\.max_length=65"):
+        pipeline.run(cfg)
+    assert not (cfg.run_dir / "checkpoints").exists()
+
+
+def test_image_length_beyond_the_positions_is_refused(tiny_assets):
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from mtd.models.projection import ImagePath
+    from mtd.models.student import Student, StudentError, check_positions
+    from mtd.models.vision import build_tower
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_assets / "tokenizer")
+    encoder = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
+                                   num_attention_heads=4, intermediate_size=64, max_position_embeddings=64))
+    vit = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
+    tower = build_tower("timm", "vit_tiny_patch16_224", model_config=vit)
+    image = ImagePath(tower, 32, 61, "linear", tokenizer.cls_token_id, tokenizer.sep_token_id)
+    with pytest.raises(StudentError, match=r"^student\.vision\.tokens=61: an image then takes 65 positions.*"
+                                           r"Lower student\.vision\.tokens by 1"):
+        check_positions(Student(encoder, {"fc1": 8}, image), 32)
+
+
+def test_teacher_max_length_beyond_its_positions_is_refused_at_load(tiny_assets):
+    from mtd.config import TeacherConfig
+    from mtd.targets.teachers import TeacherError, load_teacher
+
+    limit = json.loads((tiny_assets / "teacher_a" / "config.json").read_text())["max_position_embeddings"]
+    cfg = TeacherConfig(name="a", path=str(tiny_assets / "teacher_a"), max_length=limit + 1)
+    with pytest.raises(TeacherError, match=rf"^teacher a: max_length={limit + 1} is more than the {limit} "
+                                           rf"positions the model takes"):
+        load_teacher(cfg, tiny_assets / "teacher_a")

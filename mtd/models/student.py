@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mtd.errors import MtdError
-from mtd.hf import require_weights, transformer_subfolder
+from mtd.hf import position_limit, require_weights, transformer_subfolder
 from mtd.io import atomic_write_json, read_json
 
 logger = logging.getLogger(__name__)
@@ -165,6 +165,28 @@ def student_from_sentence_transformer(path: str | Path):
 
 def resolve_head_dims(heads: dict[str, Any], target_dim: int) -> dict[str, int]:
     return {name: target_dim if dim == "target" else int(dim) for name, dim in heads.items()}
+
+
+def check_positions(student: Student, max_length: int) -> None:
+    """Refuse inputs longer than the encoder has positions for, before any training: the first
+    batch that long would crash mid-stage. An image takes its K vision tokens plus the markers and
+    the begin/end tokens."""
+    limit = position_limit(student.encoder)
+    if limit is None:
+        return
+    if max_length > limit:
+        raise StudentError(
+            f"student.max_length={max_length} is more than the {limit} positions the student's "
+            f"encoder ({type(student.encoder).__name__}) takes. Set student.max_length to {limit} "
+            "or less.")
+    image = student.image
+    if image is not None:
+        length = image.projection.tokens + 2 + sum(i is not None for i in (image.begin_id, image.end_id))
+        if length > limit:
+            raise StudentError(
+                f"student.vision.tokens={image.projection.tokens}: an image then takes {length} "
+                f"positions (with its markers and begin/end tokens), more than the {limit} the "
+                f"student's encoder takes. Lower student.vision.tokens by {length - limit}.")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 
 from mtd.config import TeacherConfig
 from mtd.errors import MtdError
-from mtd.hf import resolve_model
+from mtd.hf import position_limit, resolve_model
 from mtd.io import hash_folder, read_json
 
 logger = logging.getLogger(__name__)
@@ -91,9 +91,19 @@ def load_teacher(cfg: TeacherConfig, folder: Path, device: str | None = None):
             "nor config.json (transformers). Point the path at the model's folder."
         )
     if cfg.max_length is not None:
+        _check_max_length(cfg, model)
         model.max_seq_length = cfg.max_length
     model.eval()
     return model
+
+
+def _check_max_length(cfg: TeacherConfig, model) -> None:
+    """A max_length beyond the model's positions would crash on the first long text."""
+    auto_model = getattr(model[0], "auto_model", None)
+    limit = position_limit(auto_model) if auto_model is not None else None
+    if limit is not None and cfg.max_length > limit:
+        raise TeacherError(f"teacher {cfg.name}: max_length={cfg.max_length} is more than the {limit} "
+                           f"positions the model takes. Set its max_length to {limit} or less.")
 
 
 def encode(model, texts: list[str], cfg: TeacherConfig) -> np.ndarray:

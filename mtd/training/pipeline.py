@@ -27,6 +27,7 @@ from mtd.models.projection import ImagePath, special_ids
 from mtd.models.student import (
     Student,
     build_encoder,
+    check_positions,
     encode,
     load_student,
     resolve_head_dims,
@@ -78,7 +79,8 @@ def check_model_paths(cfg: RunConfig) -> None:
 
 
 def build_student(cfg: RunConfig, target_dim: int | None) -> tuple[Student, object]:
-    """The configured student; with student.vision, an image path around a new tower."""
+    """The configured student; with student.vision, an image path around a new tower. Refuses a
+    max_length (or image length) beyond the encoder's positions before any training."""
     s = cfg.student
     path = student_folder(cfg)
     if s.init == "run":
@@ -95,6 +97,7 @@ def build_student(cfg: RunConfig, target_dim: int | None) -> tuple[Student, obje
         tower = build_tower(v.kind, v.name, v.pretrained, v.model_config or None, v.trust_remote_code)
         student.image = ImagePath(tower, student.encoder.config.hidden_size, v.tokens, v.projection,
                                   *special_ids(tokenizer))
+    check_positions(student, s.max_length)
     return student, tokenizer
 
 
