@@ -21,7 +21,7 @@ import torch
 
 from mtd.config import TeacherConfig
 from mtd.targets.cache import build_teacher_cache
-from mtd.targets.teachers import load_teacher, resolve_model_folder
+from mtd.targets.teachers import load_teacher, teacher_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def main() -> None:
 
     texts = Path(args.corpus).read_text(encoding="utf-8").splitlines()[: args.texts]
     cfg = TeacherConfig(name="bench", path=args.teacher, batch_size=args.batch_size)
-    model = load_teacher(cfg, resolve_model_folder(args.teacher), device="cpu")
+    model = load_teacher(cfg, teacher_folder(cfg), device="cpu")
     model.encode(texts[:128], batch_size=args.batch_size)  # warm up kernels and allocator
 
     encode_s, cache_s = [], []

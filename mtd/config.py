@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,16 +30,61 @@ class ConfigError(MtdError, ValueError):
     """A config file or override that cannot be used as written."""
 
 
+# ---------------------------------------------------------------------------------------------
+# Valid ranges: every numeric field declares its own (`num`), all are checked at load
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric field (of each item, for lists and dicts). None is valid
+    wherever the type allows it; NaN and infinities never are."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False  # `low` itself is not valid
+    high_open: bool = False
+    why: str = ""  # appended to the message, e.g. why a batch needs 2 texts
+
+    def __contains__(self, value: float) -> bool:
+        return (math.isfinite(value) and (value > self.low if self.low_open else value >= self.low)
+                and (value < self.high if self.high_open else value <= self.high))
+
+    def describe(self) -> str:
+        if self.high == math.inf:
+            return f"{'more than' if self.low_open else 'at least'} {_number(self.low)}"
+        return (f"in {'(' if self.low_open else '['}{_number(self.low)}, {_number(self.high)}"
+                f"{')' if self.high_open else ']'}")
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(x)
+
+
+RANGE = "range"  # the dataclass field metadata key holding a field's Range
+SEED = {"ge": 0, "le": 2**32 - 1}  # what numpy's seeding accepts
+
+
+def num(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING,
+        ge: float | None = None, gt: float | None = None, le: float | None = None,
+        lt: float | None = None, why: str = "") -> Any:
+    """A numeric dataclass field with its valid range, e.g. `batch_size: int = num(64, ge=1)`."""
+    low, high = (gt if gt is not None else ge), (lt if lt is not None else le)
+    valid = Range(-math.inf if low is None else low, math.inf if high is None else high,
+                  gt is not None, lt is not None, why)
+    return field(default=default, default_factory=factory, metadata={RANGE: valid})
+
+
 @dataclass
 class TeacherConfig:
     name: str  # short name used in cache folders and logs
-    path: str  # local folder (sentence-transformers or transformers) or hub id
+    path: str  # local folder (sentence-transformers or transformers), hub id or hf:ORG/NAME
     prompt: str = ""  # prepended to every text, e.g. "query: " (sentence-transformers prompt)
-    max_length: int | None = None  # tokens; None keeps the model's own max_seq_length
-    batch_size: int = 64  # encode batch size while filling the target cache
+    max_length: int | None = num(None, ge=1)  # tokens; None keeps the model's own max_seq_length
+    batch_size: int = num(64, ge=1)  # encode batch size while filling the target cache
     dtype: str = "float32"  # float32 | float16 | bfloat16 (weights and activations)
     pooling: str = "mean"  # for plain transformers folders only: mean | cls | max | lasttoken
-    weight: float = 1.0  # multiplies this teacher's normalized vector in the concatenated target
+    # multiplies this teacher's normalized vector in the concatenated target
+    weight: float = num(1.0, gt=0, why=" (to leave a teacher out, remove it)")
     trust_remote_code: bool = False  # run code shipped with the model; off unless you trust it
 
 
@@ -45,20 +92,20 @@ class TeacherConfig:
 class DataConfig:
     corpus: list[str] = field(default_factory=list)  # .txt (one text per line) or .jsonl files
     text_field: str = "text"  # key holding the text in .jsonl corpora
-    max_texts: int | None = None  # use only the first N texts (after shuffling with `seed`)
+    max_texts: int | None = num(None, ge=1)  # use only the first N texts (after shuffling with `seed`)
     shuffle: bool = True  # shuffle once before taking max_texts / dev rows, so both are random
-    dev_size: int = 0  # texts held out for periodic dev evaluation and agreement scores
-    max_chars: int = 20_000  # longer texts are cut to this many characters (warned, counted)
-    seed: int = 0
+    dev_size: int = num(0, ge=0)  # texts held out for periodic dev evaluation and agreement scores
+    max_chars: int = num(20_000, ge=1)  # longer texts are cut to this many characters (warned, counted)
+    seed: int = num(0, **SEED)
 
 
 @dataclass
 class VisionConfig:
     kind: str  # vision tower registry name: open_clip | timm | transformers (mtd/models/vision.py)
-    name: str  # model name (open_clip, timm) or folder / hub id (transformers)
+    name: str  # model name (open_clip, timm) or folder / hub id / hf:ORG/NAME (transformers)
     pretrained: str | None = None  # open_clip tag or checkpoint; timm: weights file or "timm"
     model_config: dict[str, Any] = field(default_factory=dict)  # extra build kwargs (tiny models)
-    tokens: int = 32  # K: vision tokens entering the text encoder after the projection pool
+    tokens: int = num(32, ge=1)  # K: vision tokens entering the text encoder after the projection pool
     projection: str = "linear"  # pool: Jasper's parameter-free AdaptiveAvgPool | linear: + a Linear
     trust_remote_code: bool = False
 
@@ -67,10 +114,10 @@ class VisionConfig:
 class StudentConfig:
     init: str = "scratch"  # scratch | pretrained | teacher | run (an mtd run or student folder)
     path: str | None = None  # pretrained/teacher folder or hub id; for scratch: the tokenizer
-    layers: list[int] | None = None  # init=teacher|pretrained: encoder layers to keep, e.g. [0, 3]
+    layers: list[int] | None = num(None, ge=0)  # init=teacher|pretrained: encoder layers to keep, e.g. [0, 3]
     model_config: dict[str, Any] = field(default_factory=dict)  # init=scratch: transformers config
     heads: dict[str, Any] = field(default_factory=lambda: {"fc1": "target"})  # name -> dim
-    max_length: int = 128  # student tokens per text
+    max_length: int = num(128, ge=1)  # student tokens per text
     trust_remote_code: bool = False
     vision: VisionConfig | None = None  # image path: tower -> projection pool -> text encoder
 
@@ -86,21 +133,22 @@ class StageConfig:
     # head -> "teacher" | "self:HEAD"; in image stages self:HEAD is the student's own HEAD vector
     # of the image's captions (self-distillation, the paper's stage 4)
     targets: dict[str, str] = field(default_factory=dict)
-    weights: dict[str, float] = field(
-        default_factory=lambda: {"cos": 10.0, "sim": 200.0, "resim": 20.0, "nce": 1.0}
+    weights: dict[str, float] = num(
+        factory=lambda: {"cos": 10.0, "sim": 200.0, "resim": 20.0, "nce": 1.0}, ge=0
     )  # Jasper paper, section 3; nce (InfoNCE against the in-batch targets) only where listed
     cos_reduction: str = "sum"  # cos over the batch: sum (the paper's formula) | mean (its code)
-    margin: float = 0.015  # relative-similarity margin
-    temperature: float = 0.05  # nce softmax temperature
+    margin: float = num(0.015, ge=0)  # relative-similarity margin
+    temperature: float = num(0.05, gt=0)  # nce softmax temperature
     captions: str = "mean"  # images: target = mean of the captions' normalized targets | sample one
-    resim_chunk_size: int = 1024  # rows of pair-of-pair comparisons held at once
-    resim_samples: int | None = None  # sample this many pairs-of-pairs instead of all (big B)
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.05  # linear warmup, then cosine decay to 0
-    steps: int | None = None  # optimizer steps; or give epochs
-    epochs: float | None = None
-    batch_size: int = 128  # global batch: split across processes
+    resim_chunk_size: int = num(1024, ge=1)  # rows of pair-of-pair comparisons held at once
+    resim_samples: int | None = num(None, ge=1)  # sample this many pairs-of-pairs instead of all (big B)
+    lr: float = num(1e-4, gt=0)
+    weight_decay: float = num(0.01, ge=0)
+    warmup_ratio: float = num(0.05, ge=0, lt=1)  # linear warmup, then cosine decay to 0
+    steps: int | None = num(None, ge=1)  # optimizer steps; or give epochs
+    epochs: float | None = num(None, gt=0)
+    # global batch, split across processes
+    batch_size: int = num(128, ge=2, why=" (in-batch losses compare the texts of a batch)")
 
 
 @dataclass
@@ -111,21 +159,21 @@ class ImagesConfig:
     image_column: str = "image"
     caption_column: str = "captions"  # a string or a list of strings per row
     eval: str | None = None  # image-caption .jsonl scored at the end (image-text Recall@1/5/10)
-    max_images: int | None = None  # use only the first N training images
+    max_images: int | None = num(None, ge=1)  # use only the first N training images
 
 
 @dataclass
 class TrainConfig:
-    seed: int = 0
-    mixed_precision: str = "no"  # no | fp16 | bf16 (Accelerate)
-    grad_accum: int = 1  # batches per optimizer step; in-batch losses see one batch each
-    max_grad_norm: float | None = 1.0
-    log_every: int = 10  # optimizer steps between log.jsonl rows
-    eval_every: int = 0  # optimizer steps between dev evaluations (0: only at stage ends)
-    save_every: int = 500  # optimizer steps between checkpoints (also saved at stage ends)
-    keep_checkpoints: int = 2  # mid-stage checkpoints kept; stage-end ones are always kept
-    max_steps_per_job: int | None = None  # stop after this many steps (time-limited jobs)
-    num_workers: int = 0  # DataLoader workers
+    seed: int = num(0, **SEED)
+    mixed_precision: str = "no"  # no | fp16 (GPU only) | bf16 (Accelerate)
+    grad_accum: int = num(1, ge=1)  # batches per optimizer step; in-batch losses see one batch each
+    max_grad_norm: float | None = num(1.0, gt=0)  # gradient clipping; null: none
+    log_every: int = num(10, ge=1)  # optimizer steps between log.jsonl rows
+    eval_every: int = num(0, ge=0)  # optimizer steps between dev evaluations (0: only at stage ends)
+    save_every: int = num(500, ge=1)  # optimizer steps between checkpoints (also at stage ends)
+    keep_checkpoints: int = num(2, ge=1)  # mid-stage checkpoints kept; stage-end ones always are
+    max_steps_per_job: int | None = num(None, ge=1)  # stop after this many steps (time-limited jobs)
+    num_workers: int = num(0, ge=0)  # DataLoader workers
     report_to: str | None = None  # Accelerate tracker, e.g. tensorboard | wandb
 
 
@@ -134,7 +182,7 @@ class EvalConfig:
     sts_dir: str | None = None  # folder of STS sets (<set>/<split>.jsonl); missing: skipped
     split: str = "test"
     teachers: bool = True  # score the teachers beside the student (results cached)
-    batch_size: int = 64
+    batch_size: int = num(64, ge=1)
 
 
 @dataclass
@@ -142,7 +190,7 @@ class RunConfig:
     name: str = "run"
     output_dir: str = "runs"  # the run writes OUTPUT_DIR/NAME/
     cache_dir: str = "cache"  # target caches, shared between runs
-    cache_chunk_size: int = 1024  # texts per cache chunk: the unit of resuming and of progress
+    cache_chunk_size: int = num(1024, ge=1)  # texts per cache chunk: the unit of resuming and of progress
     synthetic_assets: str | None = None  # build tiny random teachers + corpus here first
     teachers: list[TeacherConfig] = field(default_factory=list)
     data: DataConfig = field(default_factory=DataConfig)
@@ -202,13 +250,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):
-        try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:  # a quoted number, e.g. '3e-4'
             return float(value)
         except ValueError:
             pass
     if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
-    raise ConfigError(f"'{where}' must be {getattr(tp, '__name__', tp)}, got {value!r}.")
+    hint = " (write true or false)" if tp is bool else ""
+    raise ConfigError(f"'{where}' must be {getattr(tp, '__name__', tp)}, got {value!r}{hint}.")
 
 
 def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
@@ -236,6 +285,63 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
+# YAML as configs mean it
+
+_BOOL, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
+_EXPONENT_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$")  # 1e-4: YAML 1.1 says string
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader (plain data only, no objects) with YAML 1.2's booleans: only
+    true/false are booleans, so `no`, `off`, `yes`, `on` stay strings as written (e.g.
+    `mixed_precision: no`). 1e-4 is a float, and a key given twice is an error rather than the
+    last one silently winning."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.value != "<<":
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping", node.start_mark,
+                        f"key {key_node.value!r} is given twice; keep one", key_node.start_mark)
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ConfigLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                   list("tTfF"))
+ConfigLoader.add_implicit_resolver(_FLOAT, _EXPONENT_FLOAT, list("-+0123456789"))
+
+
+class ConfigDumper(yaml.SafeDumper):
+    """Quotes strings that either YAML 1.1 or ConfigLoader would read as another type."""
+
+
+ConfigDumper.add_implicit_resolver(_FLOAT, _EXPONENT_FLOAT, list("-+0123456789"))
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Plain data from YAML text; a syntax error names `source`, line and column, and the problem."""
+    try:
+        return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as e:
+        mark, start = e.problem_mark or e.context_mark, e.context_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        context = f" ({e.context}{f' from line {start.line + 1}' if start else ''})" if e.context else ""
+        hint = "" if isinstance(e, yaml.constructor.ConstructorError) else (
+            " Fix it there (often: a tab in the indentation, an unclosed [ or {, or a value with "
+            "': ' that needs quotes).")
+        raise ConfigError(f"{where}: invalid YAML: {e.problem or e}{context}.{hint}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: invalid YAML: {e}.") from None
+
+
+# ---------------------------------------------------------------------------------------------
 # Overrides: `a.b=value`, `stages.1.lr=3e-5`
 
 
@@ -243,7 +349,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"Override '{item}' must look like key.path=value (e.g. train.seed=1).")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), load_yaml(raw, f"override {item!r}, value") if raw.strip() else ""
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -274,8 +380,11 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Config file {path} not found. Pass a YAML file such as configs/tiny.yaml.")
-    with path.open(encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8.") from None
+    data = load_yaml(text, str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of config sections.")
     cfg = from_dict(RunConfig, apply_overrides(data, list(overrides)))
@@ -284,7 +393,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def dump_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    return yaml.dump(to_dict(cfg), Dumper=ConfigDumper, sort_keys=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,31 +446,47 @@ def _check_stage(stage: StageConfig, heads: dict[str, Any], where: str) -> None:
 
 POOLING_MODES = ("mean", "cls", "max", "lasttoken", "mean_sqrt_len_tokens", "weightedmean")
 TEACHER_DTYPES = ("float32", "float16", "bfloat16")
+MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
-def _check_ranges(cfg: RunConfig) -> None:
-    """Values that types allow but that would fail late (after teachers encoded) or silently."""
-    t = cfg.train
-    positive = {"train.log_every": t.log_every, "train.save_every": t.save_every,
-                "train.grad_accum": t.grad_accum, "train.keep_checkpoints": t.keep_checkpoints,
-                "student.max_length": cfg.student.max_length, "cache_chunk_size": cfg.cache_chunk_size}
-    positive["student.vision.tokens"] = cfg.student.vision.tokens if cfg.student.vision else 1
-    for i, stage in enumerate(cfg.stages):
-        positive[f"stages.{i}.temperature"] = stage.temperature
-        positive[f"stages.{i}.batch_size"] = stage.batch_size - 1  # in-batch losses need 2 texts
-        positive[f"stages.{i}.lr"] = stage.lr
-        positive[f"stages.{i}.steps"] = stage.steps if stage.steps is not None else 1
-        positive[f"stages.{i}.epochs"] = stage.epochs if stage.epochs is not None else 1
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key} is out of range: it must be positive (batch sizes at least 2).")
-    if t.eval_every < 0 or cfg.data.dev_size < 0:
-        raise ConfigError("train.eval_every and data.dev_size must be 0 or more.")
+def check_ranges(cfg: Any, where: str = "") -> None:
+    """Every numeric field of `cfg` (and of the configs inside it) against its declared Range."""
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), where + f.name
+        valid = f.metadata.get(RANGE)
+        if valid is not None:
+            for item_key, item in _numbers(value, key):
+                if item not in valid:
+                    raise ConfigError(f"{item_key}={item!r} is out of range: it must be "
+                                      f"{valid.describe()}{valid.why}.")
+        elif dataclasses.is_dataclass(value):
+            check_ranges(value, key + ".")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    check_ranges(item, f"{key}.{i}.")
+
+
+def _numbers(value: Any, key: str) -> list[tuple[str, float]]:
+    """(dotted key, number) for a numeric field's value: itself, or each item of a list or dict."""
+    if value is None:
+        return []
+    if isinstance(value, list):
+        return [(f"{key}.{i}", v) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return [(f"{key}.{k}", v) for k, v in value.items()]
+    return [(key, value)]
+
+
+def _check_choices(cfg: RunConfig) -> None:
     for i, teacher in enumerate(cfg.teachers):
         if teacher.pooling not in POOLING_MODES:
             raise ConfigError(f"teachers.{i}.pooling={teacher.pooling!r}: use one of {POOLING_MODES}.")
         if teacher.dtype not in TEACHER_DTYPES:
             raise ConfigError(f"teachers.{i}.dtype={teacher.dtype!r}: use one of {TEACHER_DTYPES}.")
+    if cfg.train.mixed_precision not in MIXED_PRECISION:
+        raise ConfigError(f"train.mixed_precision={cfg.train.mixed_precision!r}: use one of "
+                          f"{', '.join(MIXED_PRECISION)} (fp16 needs a GPU).")
 
 
 # Keys a resumed run may change: they do not alter what is trained.
@@ -385,7 +510,7 @@ def _flatten(value: Any, key: str = "") -> dict[str, Any]:
 
 def check_resume(saved_yaml: str, cfg: RunConfig) -> None:
     """Refuse to resume a run with a config that changes what it trains."""
-    old, new = _flatten(yaml.safe_load(saved_yaml) or {}), _flatten(to_dict(cfg))
+    old, new = _flatten(load_yaml(saved_yaml, "the run's config.yaml") or {}), _flatten(to_dict(cfg))
     changed = sorted(k for k in old.keys() | new.keys()
                      if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES))
     if changed:
@@ -435,13 +560,14 @@ def _check_images(cfg: RunConfig) -> None:
     if not cfg.images.train and not cfg.images.hub:
         raise ConfigError(f"stages.{image_stages[0]} trains on images but none are given: set "
                           "images.train (image-caption .jsonl files) or images.hub.")
-    v = cfg.student.vision
-    if v.projection not in ("pool", "linear") or v.tokens < 1:
-        raise ConfigError(f"student.vision: projection={v.projection!r} must be pool or linear and "
-                          f"tokens={v.tokens} positive.")
+    if cfg.student.vision.projection not in ("pool", "linear"):
+        raise ConfigError(f"student.vision.projection={cfg.student.vision.projection!r}: use pool or "
+                          "linear.")
 
 
 def validate(cfg: RunConfig) -> None:
+    check_ranges(cfg)
+    _check_choices(cfg)
     if not cfg.stages:
         raise ConfigError("No stages: add a 'stages:' list (see configs/default.yaml).")
     if uses_teachers(cfg) and not cfg.teachers:
@@ -467,10 +593,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"Stage names must be unique (they name checkpoints), got {stage_names}.")
     if cfg.export_head is not None and heads and cfg.export_head not in heads:
         raise ConfigError(f"export_head={cfg.export_head!r} is not one of {list(cfg.student.heads)}.")
-    if cfg.train.mixed_precision not in ("no", "fp16", "bf16"):
-        raise ConfigError("train.mixed_precision must be no, fp16 or bf16.")
     _check_images(cfg)
-    _check_ranges(cfg)
 
 
 def check_dims(cfg: RunConfig, head_dims: dict[str, int], target_dim: int) -> None:
@@ -496,3 +619,22 @@ def check_dims(cfg: RunConfig, head_dims: dict[str, int], target_dim: int) -> No
                     f"{head_dims[head]} and its target ({source}) has {want}. Use only sim/resim "
                     f"for this head, or set student.heads.{head}: {fix}."
                 )
+
+
+def check_batch_sizes(cfg: RunConfig, rows: dict[str, int], processes: int) -> None:
+    """Each stage's global batch against its training rows ({"text": N, "images": M}, those read)
+    and the number of processes. Checked once the data is read and before any teacher runs: the
+    stage itself would fail only when it starts, after the teachers and earlier stages."""
+    held_out = {"text": f"training texts (after data.dev_size={cfg.data.dev_size} held out)",
+                "images": "training images (those that decode)"}
+    for i, stage in enumerate(cfg.stages):
+        n = rows.get(stage.data)
+        if n is not None and stage.batch_size > n:
+            raise ConfigError(
+                f"stages.{i} ({stage.name}): batch_size {stage.batch_size} is larger than the {n} "
+                f"{held_out[stage.data]}. Lower stages.{i}.batch_size to {n} or less, or give "
+                "more data.")
+        if stage.batch_size % processes:
+            raise ConfigError(
+                f"stages.{i} ({stage.name}): the global batch_size {stage.batch_size} does not "
+                f"divide evenly over {processes} processes; use a multiple of {processes}.")

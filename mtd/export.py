@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from mtd.errors import cli_main
+from mtd.hf import resolve_model
 from mtd.io import atomic_write_json, load_safetensors, read_json, reading_weights
 from mtd.models.student import STUDENT_FILE, Student, StudentError, load_student
 
@@ -140,7 +141,7 @@ class ImageTextModel:
         from mtd.models.projection import build_image_path
         from mtd.models.vision import ImagePreprocess
 
-        folder = Path(folder)
+        folder = resolve_model(str(folder), "image-text model")
         config_path = folder / IMAGE_DIR / "config.json"
         if not config_path.is_file():
             raise StudentError(f"{folder} has no image side ({IMAGE_DIR}/config.json): it was exported "

@@ -10,7 +10,7 @@ import pytest
 MTD = Path(__file__).resolve().parents[1] / "mtd"
 # Lowest first; a module may import from its own layer and the ones before it.
 LAYERS = [
-    {"errors", "io", "config", "compat", "synthetic"},
+    {"errors", "io", "hf", "config", "compat", "synthetic"},
     {"data"},
     {"targets"},
     {"models"},

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from mtd.config import TeacherConfig
+from mtd.hf import ModelPathError, resolve_model
 from mtd.targets import teachers
 from mtd.targets.cache import build_teacher_cache, open_cache
 from mtd.targets.teachers import (
     TeacherError,
     load_teacher,
     pooling_of,
-    resolve_model_folder,
     teacher_identity,
 )
 
@@ -35,8 +35,8 @@ def texts(tiny_assets: Path) -> list[str]:
 
 @pytest.mark.parametrize("path", ["./nope/model", "/abs/nope", "~/nope/model", "a/b/c"])
 def test_missing_local_path_points_to_setup(path):
-    with pytest.raises(TeacherError) as e:
-        resolve_model_folder(path)
+    with pytest.raises(ModelPathError) as e:
+        resolve_model(path, "teacher")
     msg = str(e.value)
     assert repr(path) in msg and "scripts/setup.sh" in msg and "not a folder" in msg
 
@@ -44,12 +44,12 @@ def test_missing_local_path_points_to_setup(path):
 def test_file_instead_of_folder(tmp_path):
     f = tmp_path / "model.safetensors"
     f.write_bytes(b"x")
-    with pytest.raises(TeacherError, match="not a folder"):
-        resolve_model_folder(str(f))
+    with pytest.raises(ModelPathError, match="not a folder"):
+        resolve_model(str(f), "teacher")
 
 
 def test_existing_folder_resolves_to_itself(tiny_assets):
-    assert resolve_model_folder(str(tiny_assets / "teacher_a")) == tiny_assets / "teacher_a"
+    assert resolve_model(str(tiny_assets / "teacher_a"), "teacher") == tiny_assets / "teacher_a"
 
 
 # --- a plain transformers folder (no modules.json) ------------------------------------------------

@@ -2,7 +2,8 @@
 
 Spec grammar (eval.py MODEL arguments):
     PATH              a sentence-transformers folder (a teacher, an mtd export) or an mtd run
-                      folder (runs/NAME: its final/ export)
+                      folder (runs/NAME: its final/ export); hf:ORG/NAME is a hub model, and so
+                      is ORG/NAME when it does not look local (mtd/hf.py)
     PATH:HEAD         one head of an mtd run or mtd student folder (e.g. runs/default:fc256)
     LABEL=SPEC        defines LABEL, which later specs may use (minilm=models/all-MiniLM-L6-v2)
     A+B               the multi-teacher combination: each part L2-normalized, concatenated,
@@ -26,6 +27,7 @@ import numpy as np
 
 from mtd import config
 from mtd.errors import MtdError
+from mtd.hf import HUB_PREFIX, ModelPathError, require_weights, resolve_model
 from mtd.io import atomic_save_npy, check_safetensors, hash_folder, hash_texts, read_json, reading_weights
 from mtd.models.student import STUDENT_FILE, load_student
 from mtd.models.student import encode as student_encode
@@ -144,7 +146,7 @@ class TeacherEncoder:
 
     @cached_property
     def folder(self) -> Path:
-        return teachers.resolve_model_folder(self.cfg.path)
+        return teachers.teacher_folder(self.cfg)
 
     @cached_property
     def fingerprint(self) -> str:
@@ -197,14 +199,18 @@ class PrefixEncoder:
         return _normalize(vecs[:, : self.dim])
 
 
+SPEC_FORMS = ("A model is a sentence-transformers folder, an mtd run (runs/NAME), RUN:HEAD, a LABEL "
+              "defined earlier, A+B, or hf:ORG/NAME (a hub model).")
+
+
 def _from_path(spec: str, name: str) -> Encoder:
-    path, _, head = spec.partition(":") if ":" in spec and not Path(spec).exists() else (spec, "", "")
-    folder = Path(path)
-    if not folder.is_dir():
-        raise ModelSpecError(
-            f"Model {spec!r}: {folder} is not a folder. Give a sentence-transformers folder, an "
-            "mtd run (runs/NAME), RUN:HEAD, a LABEL defined earlier, or A+B."
-        )
+    hub = spec.startswith(HUB_PREFIX)
+    rest = spec.removeprefix(HUB_PREFIX)
+    path, _, head = rest.partition(":") if ":" in rest and not Path(rest).exists() else (rest, "", "")
+    try:
+        folder = resolve_model(HUB_PREFIX + path if hub else path, f"Model {spec!r}", weights=False)
+    except ModelPathError as e:
+        raise ModelSpecError(f"{e} {SPEC_FORMS}") from None
     if head:
         student = folder / "student" if (folder / "student" / STUDENT_FILE).is_file() else folder
         if not (student / STUDENT_FILE).is_file():
@@ -214,6 +220,7 @@ def _from_path(spec: str, name: str) -> Encoder:
         folder = folder / "final"
     if not (folder / "modules.json").is_file() and not (folder / "config.json").is_file():
         raise ModelSpecError(f"Model {spec!r}: {folder} holds no model (no modules.json/config.json).")
+    require_weights(folder, f"Model {spec!r}")
     if (folder / "image" / "config.json").is_file():  # an mtd export with an image side
         return ImageTextEncoder(name, folder)
     return SentenceTransformerEncoder(name, folder)

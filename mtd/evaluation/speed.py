@@ -354,8 +354,11 @@ def load_st_encoder(model_path: str, device: str = "cpu") -> Encode:
     ``partial(load_st_encoder, path)``. The encoder shows no progress bar (it is being timed)."""
     from sentence_transformers import SentenceTransformer
 
-    with reading_weights(model_path):
-        model = SentenceTransformer(model_path, device=device)
+    from mtd.hf import resolve_model
+
+    folder = resolve_model(model_path, f"speed model {model_path!r}")
+    with reading_weights(folder):
+        model = SentenceTransformer(str(folder), device=device)
     return partial(_st_encode, model)
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mtd.errors import MtdError
+from mtd.hf import position_limit, require_weights, transformer_subfolder
 from mtd.io import atomic_write_json, load_safetensors, read_json, reading_weights
 
 logger = logging.getLogger(__name__)
@@ -76,16 +77,6 @@ class Student(nn.Module):
 
 # ---------------------------------------------------------------------------------------------
 # Building
-
-
-def transformer_subfolder(folder: Path) -> Path:
-    """Where the transformers weights sit: a sentence-transformers folder may nest them."""
-    modules = folder / "modules.json"
-    if modules.is_file():
-        for module in read_json(modules):
-            if module["type"].endswith("Transformer"):
-                return folder / module["path"]
-    return folder
 
 
 def layer_list(model: nn.Module) -> nn.ModuleList:
@@ -185,6 +176,28 @@ def resolve_head_dims(heads: dict[str, Any], target_dim: int) -> dict[str, int]:
     return {name: target_dim if dim == "target" else int(dim) for name, dim in heads.items()}
 
 
+def check_positions(student: Student, max_length: int) -> None:
+    """Refuse inputs longer than the encoder has positions for, before any training: the first
+    batch that long would crash mid-stage. An image takes its K vision tokens plus the markers and
+    the begin/end tokens."""
+    limit = position_limit(student.encoder)
+    if limit is None:
+        return
+    if max_length > limit:
+        raise StudentError(
+            f"student.max_length={max_length} is more than the {limit} positions the student's "
+            f"encoder ({type(student.encoder).__name__}) takes. Set student.max_length to {limit} "
+            "or less.")
+    image = student.image
+    if image is not None:
+        length = image.projection.tokens + 2 + sum(i is not None for i in (image.begin_id, image.end_id))
+        if length > limit:
+            raise StudentError(
+                f"student.vision.tokens={image.projection.tokens}: an image then takes {length} "
+                f"positions (with its markers and begin/end tokens), more than the {limit} the "
+                f"student's encoder takes. Lower student.vision.tokens by {length - limit}.")
+
+
 # ---------------------------------------------------------------------------------------------
 # Saving, loading, encoding
 
@@ -214,6 +227,13 @@ def load_student(folder: str | Path):
     if not (folder / STUDENT_FILE).is_file():
         raise StudentError(f"{folder} is not an mtd student folder (no {STUDENT_FILE}).")
     meta = read_json(folder / STUDENT_FILE)
+    require_weights(folder / "encoder", f"mtd student {folder}")
+    wanted = [HEADS_FILE, IMAGE_FILE] if "image" in meta else [HEADS_FILE]
+    missing = [name for name in wanted if not (folder / name).is_file()]
+    if missing:
+        raise StudentError(f"mtd student {folder} lacks {', '.join(missing)}: the folder is incomplete. "
+                           "Copy it again (a run's student/: `train.py CONFIG --resume` rebuilds it "
+                           "from the last checkpoint).")
     with reading_weights(folder / "encoder", STUDENT_FIX):
         encoder = AutoModel.from_pretrained(folder / "encoder", use_safetensors=True).float()
     image = None

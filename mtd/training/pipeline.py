@@ -16,16 +16,18 @@ import numpy as np
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from mtd.config import RunConfig, check_dims, check_saved_config, dump_config
+from mtd.config import RunConfig, check_batch_sizes, check_dims, check_saved_config, dump_config
 from mtd.data import images
 from mtd.data.corpus import Corpus, TargetDataset, multi_teacher_target, read_corpus
 from mtd.evaluation import report
 from mtd.export import export_student
+from mtd.hf import resolve_model
 from mtd.io import atomic_write_text, check_writable_dir, hash_texts, load_safetensors
 from mtd.models.projection import ImagePath, special_ids
 from mtd.models.student import (
     Student,
     build_encoder,
+    check_positions,
     encode,
     load_student,
     resolve_head_dims,
@@ -36,7 +38,6 @@ from mtd.models.student import (
 from mtd.models.vision import build_tower
 from mtd.synthetic import make_tiny_assets, make_tiny_image_assets
 from mtd.targets import cache
-from mtd.targets.teachers import resolve_model_folder
 from mtd.training.checkpoints import (
     Checkpoint,
     check_same_data,
@@ -66,11 +67,31 @@ def load_corpus(cfg: RunConfig) -> Corpus:
                        dev_size=d.dev_size, max_chars=d.max_chars, shuffle=d.shuffle, seed=d.seed)
 
 
-def build_student(cfg: RunConfig, target_dim: int | None) -> tuple[Student, object]:
-    """The configured student; with student.vision, an image path around a new tower."""
+def student_folder(cfg: RunConfig) -> str | None:
+    """student.path as a local folder: weights checked where the init loads them from it (an mtd
+    run's are checked by load_student; scratch reads only the tokenizer)."""
     s = cfg.student
-    path = s.path if s.init == "scratch" or s.path is None else str(
-        resolve_model_folder(s.path, what="student"))
+    if s.path is None:
+        return None
+    return str(resolve_model(s.path, "student.path", weights=s.init not in ("scratch", "run")))
+
+
+def check_model_paths(cfg: RunConfig) -> None:
+    """Every model the run will load exists (or downloads) and holds loadable weights, before the
+    first teacher runs: a missing second teacher or student would otherwise stop the run late."""
+    for i, teacher in enumerate(cfg.teachers):
+        resolve_model(teacher.path, f"teachers.{i}.path (teacher {teacher.name})")
+    student_folder(cfg)
+    v = cfg.student.vision
+    if v is not None and v.kind == "transformers" and not v.model_config:
+        resolve_model(v.name, "student.vision.name")
+
+
+def build_student(cfg: RunConfig, target_dim: int | None) -> tuple[Student, object]:
+    """The configured student; with student.vision, an image path around a new tower. Refuses a
+    max_length (or image length) beyond the encoder's positions before any training."""
+    s = cfg.student
+    path = student_folder(cfg)
     if s.init == "run":
         folder = Path(path) / "student" if (Path(path) / "student").is_dir() else Path(path)
         student, tokenizer, _ = load_student(folder)
@@ -81,9 +102,11 @@ def build_student(cfg: RunConfig, target_dim: int | None) -> tuple[Student, obje
         student = Student(encoder, resolve_head_dims(s.heads, target_dim or 0))
     if s.vision is not None and student.image is None:
         v = s.vision
-        tower = build_tower(v.kind, v.name, v.pretrained, v.model_config, v.trust_remote_code)
+        # an empty model_config means "none": the tower's own (a folder, a pretrained tag)
+        tower = build_tower(v.kind, v.name, v.pretrained, v.model_config or None, v.trust_remote_code)
         student.image = ImagePath(tower, student.encoder.config.hidden_size, v.tokens, v.projection,
                                   *special_ids(tokenizer))
+    check_positions(student, s.max_length)
     return student, tokenizer
 
 
@@ -206,6 +229,7 @@ def run(cfg: RunConfig, resume: bool = False) -> Path:
     """Train every stage of `cfg` (resuming if asked), export, report. Returns the run folder."""
     run_dir = cfg.run_dir
     accelerator, found = _prepare_run(cfg, resume)
+    check_model_paths(cfg)
     text_stages = any(s.data == "text" for s in cfg.stages)
     corpus = load_corpus(cfg) if text_stages else Corpus([], [])
     if text_stages:
@@ -213,6 +237,8 @@ def run(cfg: RunConfig, resume: bool = False) -> Path:
         for message in length_mismatches(cfg):
             logger.warning("%s", message)
     pairs = load_image_captions(cfg) if any(s.data == "images" for s in cfg.stages) else None
+    rows = {"text": len(corpus.train)} | ({"images": len(pairs.images)} if pairs is not None else {})
+    check_batch_sizes(cfg, rows, accelerator.num_processes)
     fingerprint = data_fingerprint(cfg, corpus, pairs)
     if found is not None:  # every process compares the same record with the same data
         check_same_data(found, fingerprint)

@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from mtd.config import StageConfig, TrainConfig
+from mtd.config import ConfigError, StageConfig, TrainConfig
 from mtd.data.corpus import StepBatchSampler, TargetDataset
 from mtd.errors import MtdError
 from mtd.io import (
@@ -357,7 +357,19 @@ class StageRunner:
 # All stages
 
 
+def check_precision(tcfg: TrainConfig) -> None:
+    """Refuse fp16 where there is no GPU: Accelerate would run in float32 without a word, while
+    the run's config.yaml says fp16. Checked before the Accelerator exists, which keeps the
+    precision it is first given for the rest of the process."""
+    device = PartialState().device
+    if tcfg.mixed_precision == "fp16" and device.type == "cpu":
+        raise ConfigError("train.mixed_precision=fp16 needs a GPU, and this run is on the CPU, where "
+                          "it would be silently ignored. Use train.mixed_precision=bf16 (faster on "
+                          "recent CPUs) or train.mixed_precision=no.")
+
+
 def make_accelerator(tcfg: TrainConfig, run_dir: Path) -> Accelerator:
+    check_precision(tcfg)
     # step_scheduler_with_optimizer=False: the scheduler counts global optimizer steps (batch sizes
     # are global); Accelerate's default steps it once per process per step, so 2 processes ran
     # the cosine schedule twice as fast (lr 0 halfway through a stage, then rising again).
