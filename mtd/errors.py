@@ -24,9 +24,10 @@ _OS_FIXES = {
     errno.EACCES: "it is not writable (or readable) by this user: fix its permissions or choose "
                   "another folder",
     errno.EROFS: "it is on a read-only file system: choose a writable folder",
-    errno.ENOSPC: "the disk is full: free space (or choose a folder on another disk) and run the "
-                  "same command again; finished work is kept",
-    errno.EDQUOT: "the disk quota is exceeded: free space and run the same command again",
+    errno.ENOSPC: "the disk is full: free space and run again (train.py: with --resume); finished "
+                  "work is kept",
+    errno.EDQUOT: "the disk quota is exceeded: free space and run again (train.py: with --resume)",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path",
     errno.ENAMETOOLONG: "the path is too long: choose a shorter name",
 }
 

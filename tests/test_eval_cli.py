@@ -172,4 +172,4 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), str(tmp_path / "missing-model"),
                            "--data", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr and "missing-model is not a folder" in proc.stderr
+    assert "Traceback" not in proc.stderr and "missing-model' is not a folder" in proc.stderr

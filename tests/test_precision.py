@@ -39,7 +39,18 @@ def test_student_from_a_float16_checkpoint_has_float32_weights(tiny_config, floa
     assert dtypes == {torch.float32}
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps one precision per process; these tests use two in one pytest process."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
 @pytest.mark.parametrize("precision", ["no", "bf16"])
+@pytest.mark.usefixtures("fresh_accelerate_state")
 def test_float16_checkpoint_trains_to_finite_falling_loss(tiny_config, float16_checkpoint, precision):
     cfg = _pretrained_from(
         tiny_config, float16_checkpoint, f"train.mixed_precision={precision}",

@@ -237,8 +237,7 @@ def test_disk_full_while_saving_keeps_earlier_checkpoints_and_resumes(config, re
         assert train.main([str(yaml_path)]) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == [f"Cannot write {ckpts / MID} (No space left on device): the disk is full: free "
-                      "space (or choose a folder on another disk) and run the same command again; "
-                      "finished work is kept."]
+                      "space and run again (train.py: with --resume); finished work is kept."]
     assert snapshot(ckpts) == saved_before  # earlier checkpoints intact, no partial one anywhere
     assert sorted(p.name for p in ckpts.iterdir()) == ["0-stage1-end", "0-stage1-step0000005"]
 

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator, PartialState
-from accelerate.utils import set_seed
+from accelerate import Accelerator
+from accelerate.utils import parse_flag_from_env, set_seed
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -357,12 +357,20 @@ class StageRunner:
 # All stages
 
 
+def _has_gpu() -> bool:
+    """Whether Accelerate will run on an accelerator, asked without creating its state (a
+    PartialState made before the Accelerator would fix the process layout and precision)."""
+    if parse_flag_from_env("ACCELERATE_USE_CPU"):
+        return False
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or bool(xpu and xpu.is_available()) or torch.backends.mps.is_available()
+
+
 def check_precision(tcfg: TrainConfig) -> None:
     """Refuse fp16 where there is no GPU: Accelerate would run in float32 without a word, while
-    the run's config.yaml says fp16. Checked before the Accelerator exists, which keeps the
-    precision it is first given for the rest of the process."""
-    device = PartialState().device
-    if tcfg.mixed_precision == "fp16" and device.type == "cpu":
+    the run's config.yaml says fp16. Checked before the Accelerator exists: a refused run leaves
+    the process free to start a corrected one (Accelerate keeps one precision per process)."""
+    if tcfg.mixed_precision == "fp16" and not _has_gpu():
         raise ConfigError("train.mixed_precision=fp16 needs a GPU, and this run is on the CPU, where "
                           "it would be silently ignored. Use train.mixed_precision=bf16 (faster on "
                           "recent CPUs) or train.mixed_precision=no.")
