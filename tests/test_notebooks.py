@@ -19,3 +19,7 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     monkeypatch.setenv("MTD_NOTEBOOK_OUTPUT", str(tmp_path))
     NotebookClient(nb, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": str(path.parent)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    # Plots show inline (no headless backend forced), and progress bars do not flood the cells.
+    assert any("image/png" in o.get("data", {}) for o in outputs), "no plot was displayed"
+    assert len(outputs) < 40, f"{len(outputs)} outputs: progress bars or logs flood the notebook"
