@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 
@@ -9,6 +11,7 @@ from mtd.evaluation.specs import (
     ConcatEncoder,
     ModelSpecError,
     PrefixEncoder,
+    ProjectedEncoder,
     StudentHeadEncoder,
     cached_encode,
     parse_models,
@@ -134,3 +137,46 @@ def test_combination_is_built_from_cached_parts(tmp_path):
 def test_prefix_must_keep_a_dimension():
     with pytest.raises(ModelSpecError, match="at least 1"):
         PrefixEncoder("m@-128", _Counting(), -128)
+
+
+class _Fixed(_Counting):
+    """Fixed random vectors per text (a stand-in teacher combination)."""
+
+    def __init__(self, dim=12):
+        super().__init__()
+        self.dim = dim
+
+    def encode(self, texts, role="document", batch_size=64):
+        self.calls += 1
+        return _unit(np.stack([np.random.default_rng(zlib.crc32(t.encode())).normal(size=self.dim)
+                               for t in texts]).astype(np.float32))
+
+
+def test_pca_projection_equals_numpy(tmp_path):
+    inner = _Fixed()
+    fit_texts = [f"fit {i}" for i in range(50)]
+    fit = inner.encode(fit_texts)
+    pca = ProjectedEncoder.pca("pca4", inner, fit, 4)
+    # numpy's own PCA: the top-4 eigenvectors of the covariance, data centered on the fitting mean
+    eigvals, eigvecs = np.linalg.eigh(np.cov(fit.astype(np.float64), rowvar=False))
+    top = eigvecs[:, np.argsort(eigvals)[::-1][:4]]
+    texts = ["a", "b", "c", "d", "e"]
+    expected = _unit((inner.encode(texts) - fit.mean(axis=0)) @ top)
+    got = pca.encode(texts)
+    assert got.shape == (5, 4)
+    # an axis' sign is arbitrary: compare each component up to sign
+    signs = np.sign(np.sum(got * expected, axis=0))
+    np.testing.assert_allclose(got, expected * signs, atol=1e-5)
+    # saved and loaded (how the speed task's fresh process rebuilds it), cached via its inner model
+    pca.save(tmp_path / "pca.npz")
+    again = ProjectedEncoder.load("pca4", inner, tmp_path / "pca.npz")
+    assert again.fingerprint == pca.fingerprint != inner.fingerprint
+    calls = inner.calls
+    np.testing.assert_allclose(cached_encode(again, texts, "document", tmp_path), got, atol=1e-6)
+    cached_encode(inner, texts, "document", tmp_path)
+    assert inner.calls == calls + 1  # the projection read its inner model's cached vectors
+
+
+def test_pca_needs_enough_vectors():
+    with pytest.raises(ModelSpecError, match=r"PCA to 8 dimensions needs 1 <= dim <= min\(N, D\)"):
+        ProjectedEncoder.pca("pca8", _Fixed(), _Fixed().encode(["a", "b", "c"]), 8)

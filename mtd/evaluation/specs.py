@@ -17,6 +17,7 @@ prompts, head, dims) so vectors can be cached by model and texts.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -28,7 +29,15 @@ import numpy as np
 from mtd import config
 from mtd.errors import MtdError
 from mtd.hf import HUB_PREFIX, ModelPathError, require_weights, resolve_model
-from mtd.io import atomic_save_npy, check_safetensors, hash_folder, hash_texts, read_json, reading_weights
+from mtd.io import (
+    atomic_save_npy,
+    atomic_write_bytes,
+    check_safetensors,
+    hash_folder,
+    hash_texts,
+    read_json,
+    reading_weights,
+)
 from mtd.models.student import STUDENT_FILE, load_student
 from mtd.models.student import encode as student_encode
 from mtd.targets import teachers
@@ -199,6 +208,53 @@ class PrefixEncoder:
         return _normalize(vecs[:, : self.dim])
 
 
+@dataclass
+class ProjectedEncoder:
+    """`inner`'s vectors centered and projected onto `components`, renormalized: e.g. PCA of a
+    model's vectors as a model of its own (bench/peers.py scores PCA of the teachers' combination).
+
+    Storing the projection beside the vectors (`save`, `load`) lets a fresh process, such as the
+    speed task's, rebuild the model without refitting it.
+    """
+
+    name: str
+    inner: Encoder
+    mean: np.ndarray  # (D,)
+    components: np.ndarray  # (k, D), orthonormal rows
+
+    @classmethod
+    def pca(cls, name: str, inner: Encoder, vectors: np.ndarray, dim: int) -> ProjectedEncoder:
+        """Fit PCA with `dim` components on `vectors` (N, D), e.g. `inner`'s vectors of a corpus."""
+        x = np.asarray(vectors, dtype=np.float64)
+        if not 1 <= dim <= min(x.shape):
+            raise ModelSpecError(f"{name}: PCA to {dim} dimensions needs 1 <= dim <= min(N, D) of the "
+                                 f"{x.shape} fitting vectors; lower the dimension or fit on more texts.")
+        mean = x.mean(axis=0)
+        _, _, vt = np.linalg.svd(x - mean, full_matrices=False)  # rows: principal axes, largest first
+        return cls(name, inner, mean.astype(np.float32), vt[:dim].astype(np.float32))
+
+    @cached_property
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(self.mean.tobytes() + self.components.tobytes()).hexdigest()[:16]
+        return f"{self.inner.fingerprint}|projected:{digest}"
+
+    def encode(self, texts: list[str], role: str = "document", batch_size: int = 64) -> np.ndarray:
+        return self.project(self.inner.encode(texts, role, batch_size))
+
+    def project(self, vecs: np.ndarray) -> np.ndarray:
+        return _normalize((np.asarray(vecs, dtype=np.float32) - self.mean) @ self.components.T)
+
+    def save(self, path: str | Path) -> None:
+        buf = io.BytesIO()
+        np.savez(buf, mean=self.mean, components=self.components)
+        atomic_write_bytes(path, buf.getvalue())
+
+    @classmethod
+    def load(cls, name: str, inner: Encoder, path: str | Path) -> ProjectedEncoder:
+        with np.load(path) as f:
+            return cls(name, inner, f["mean"], f["components"])
+
+
 SPEC_FORMS = ("A model is a sentence-transformers folder, an mtd run (runs/NAME), RUN:HEAD, a LABEL "
               "defined earlier, A+B, or hf:ORG/NAME (a hub model).")
 
@@ -299,8 +355,8 @@ def cached_encode(model: Encoder, texts: list[str], role: str, cache_dir: str | 
                   batch_size: int = 64) -> np.ndarray:
     """model.encode, memoized on disk by (model fingerprint, role, texts).
 
-    Combinations and prefixes are built from their parts' cached vectors, so `a+b` after `a` and
-    `b` encodes nothing.
+    Combinations, prefixes and projections are built from their parts' cached vectors, so `a+b`
+    after `a` and `b` encodes nothing.
     """
     if cache_dir is None:
         return model.encode(texts, role, batch_size)
@@ -309,6 +365,8 @@ def cached_encode(model: Encoder, texts: list[str], role: str, cache_dir: str | 
         return _normalize(np.concatenate(parts, axis=1))
     if isinstance(model, PrefixEncoder):
         return model.truncate(cached_encode(model.inner, texts, role, cache_dir, batch_size))
+    if isinstance(model, ProjectedEncoder):
+        return model.project(cached_encode(model.inner, texts, role, cache_dir, batch_size))
     key = hashlib.sha256(f"{model.fingerprint}|{role}|{hash_texts(texts)}".encode()).hexdigest()[:24]
     path = Path(cache_dir) / "vectors" / f"{key}.npy"
     if path.is_file():

@@ -232,22 +232,34 @@ def _retention_cells(value: dict, model: str, reference: str, cols: list[tuple[s
     return [retention, speedup]
 
 
-def _speed_encoder(specs: tuple[str, ...], label: str):
-    """Runs in the speed child process: rebuild the model there and return encode(texts, bs)."""
-    model = load_encoder(specs, label)
+def _speed_encoder(load: Callable[[], Encoder]):
+    """Runs in the speed child process: build the model there and return encode(texts, bs)."""
+    model = load()
     return lambda texts, batch_size: model.encode(texts, "document", batch_size)
 
 
-def run_speed(specs: tuple[str, ...], labels: list[str], n_texts: int, batch_size: int) -> list[dict]:
-    """Speed of each model in its own fresh process (clean peak memory), one after another."""
+def speed_rows(loaders: dict[str, Callable[[], Encoder]], n_texts: int, batch_size: int,
+               threads: int | None = None, latency_samples: int = 64) -> list[dict]:
+    """Speed of each model in its own fresh process (clean peak memory), one after another.
+
+    `loaders`: label -> picklable function that builds the model (an Encoder) in that process, so
+    models outside the spec grammar (e.g. bench/peers.py's) are timed exactly like eval.py's;
+    `threads`: torch threads in the child (None: torch's default); `latency_samples`: batch-1 calls.
+    """
     from mtd.evaluation import speed
 
     texts = speed.default_speed_texts(n_texts)
     rows = []
-    for label in labels:
-        report = speed.speed_report(partial(_speed_encoder, specs, label), texts, batch_size=batch_size)
+    for label, load in loaders.items():
+        report = speed.speed_report(partial(_speed_encoder, load), texts, batch_size=batch_size,
+                                    latency_samples=latency_samples, threads=threads)
         rows.append(_row(label, "speed", f"wordnet-{len(texts)}", report, batch_size=batch_size))
     return rows
+
+
+def run_speed(specs: tuple[str, ...], labels: list[str], n_texts: int, batch_size: int) -> list[dict]:
+    """Speed of the models `labels` among eval.py's `specs`, each rebuilt from the specs."""
+    return speed_rows({label: partial(load_encoder, specs, label) for label in labels}, n_texts, batch_size)
 
 
 def evaluate_all(models: dict[str, Encoder], *, data: Path | None, tasks: Sequence[str], split: str,
