@@ -132,12 +132,17 @@ def start_log(run_dir: Path, found: Checkpoint | None) -> None:
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW over the trainable parameters, without weight decay on biases and norm weights (the
-    BERT and HF Trainer convention: pulling them toward 0 only distorts the features' scale)."""
+    BERT and HF Trainer convention: pulling them toward 0 only distorts the features' scale).
+
+    Fused (one kernel for all tensors, as the HF Trainer uses): on this project's 2-core CPU the
+    step of the 22.7M-parameter MiniLM took 76 ms instead of 681 ms (`python bench/optimizer_step.py`,
+    measured on a busy machine: the ratio, 9x, is the number to keep).
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW([
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ], lr=lr)
+    ], lr=lr, fused=True)
 
 
 def stage_steps(stage: StageConfig, n_train: int, grad_accum: int) -> int:
