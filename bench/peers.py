@@ -1,4 +1,4 @@
-"""Peers (issue 8): is mtd's student better than what users can already get?
+"""Peers: is mtd's student better than what users can already get?
 
 Everything trains on the same texts (the student run's corpus and max_texts, read through mtd's
 own corpus loader), from the same student (its teacher cut to the run's layers, MiniLM [0, 3, 5])
@@ -542,7 +542,7 @@ def replace_section(text: str, heading: str, body: str) -> str:
 def docs_body(args, setup: Setup, quality: str, legend: str, speed: str) -> str:
     command = " ".join(["python bench/peers.py", *(f"--student {_rel(s)}" for s in args.student)])
     s = setup.cfg.student
-    return f"""`bench/peers.py` (issue 8), measured {datetime.date.today()} on {os.cpu_count()} CPU cores,
+    return f"""`bench/peers.py`, measured {datetime.date.today()} on {os.cpu_count()} CPU cores,
 {args.threads} torch threads. To rerun: `python train.py configs/default.yaml` (the student run),
 then `{command}` from the project root (`--smoke` checks the script at toy scale in minutes;
 every number, with its settings, goes to `{_rel(args.out)}`). All trained peers learn from the mtd

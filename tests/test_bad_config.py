@@ -1,4 +1,4 @@
-"""Bad configs and model paths: each one a clear error, before anything runs, nothing lost (issue 7)."""
+"""Bad configs and model paths: each one a clear error, before anything runs, nothing lost."""
 
 from __future__ import annotations
 
