@@ -114,12 +114,16 @@ def _save_teacher(folder: Path, tokenizer, hidden: int, layers: int, pooling: st
     shutil.rmtree(raw)
 
 
+def _built(done: Path, stamp: str) -> bool:
+    """Whether assets were already built with these settings (DONE is written last, holding them)."""
+    return done.is_file() and done.read_text() == stamp
+
+
 def make_tiny_assets(folder: str | Path, n_texts: int = 3000, seed: int = 0) -> Path:
     """Build (once) tokenizer/, corpus.txt, teacher_a/ (32-d) and teacher_b/ (48-d) in `folder`."""
     folder = Path(folder)
-    done = folder / "DONE"
-    stamp = f"v{ASSETS_VERSION} {n_texts} {seed}\n"
-    if done.is_file() and done.read_text() == stamp:
+    done, stamp = folder / "DONE", f"v{ASSETS_VERSION} {n_texts} {seed}\n"
+    if _built(done, stamp):
         return folder
     logger.info("Building tiny random assets in %s", folder)
     rng = random.Random(seed)
@@ -245,9 +249,8 @@ def make_tiny_image_assets(folder: str | Path, n_train: int = 240, n_test: int =
     Every caption word is in the tiny tokenizer's vocabulary (IMAGE_WORDS).
     """
     folder = Path(folder)
-    done = folder / "DONE"
-    stamp = f"v{IMAGE_ASSETS_VERSION} {n_train} {n_test} {size} {seed}\n"
-    if done.is_file() and done.read_text() == stamp:
+    done, stamp = folder / "DONE", f"v{IMAGE_ASSETS_VERSION} {n_train} {n_test} {size} {seed}\n"
+    if _built(done, stamp):
         return folder
     logger.info("Building tiny image-text assets in %s", folder)
     scenes = _unique_scenes(n_train + n_test, random.Random(seed))

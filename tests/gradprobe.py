@@ -78,14 +78,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_two_processes(*args: str) -> subprocess.CompletedProcess:
-    """`python tests/gradprobe.py ARGS` in 2 CPU processes (gloo), as tests/test_trainer.py launches
-    train.py: torchrun under Accelerate (--multi_gpu) with ACCELERATE_USE_CPU=1."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), ACCELERATE_USE_CPU="1")
+def launch_two_processes(script: str | Path, *args: str, use_cpu: bool = True,
+                         timeout: int = 540) -> subprocess.CompletedProcess:
+    """`python SCRIPT ARGS` in 2 CPU processes (gloo). `accelerate launch --cpu --num_processes 2`
+    is not it: without mpirun it starts ONE process. Torchrun under Accelerate (--multi_gpu) with
+    ACCELERATE_USE_CPU=1 is (use_cpu=False leaves it out, to test that mistake)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.pop("ACCELERATE_USE_CPU", None)
+    if use_cpu:
+        env["ACCELERATE_USE_CPU"] = "1"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), str(Path(__file__)), *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+           "--main_process_port", str(_free_port()), str(script), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def main(config_yaml: str, out: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 
+import gradprobe
 import pytest
 import torch
 from gradprobe import Probe, launch_two_processes
@@ -88,7 +89,7 @@ def test_two_processes_give_the_one_process_gradient(config, probe, tmp_path):
     one = probe().run(config("name=one", *over)).grads[0]
     yaml_path, out = tmp_path / "two.yaml", tmp_path / "two-grads.pt"
     yaml_path.write_text(dump_config(config("name=two", *over)))
-    proc = launch_two_processes(str(yaml_path), str(out))
+    proc = launch_two_processes(gradprobe.__file__, str(yaml_path), str(out), timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert_same_grads(torch.load(out), one, rtol=1e-4)
 

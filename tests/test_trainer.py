@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from gradprobe import launch_two_processes
 from safetensors.torch import load_file
 
 import mtd.losses.objective
@@ -373,23 +371,9 @@ def test_resim_sampled_mode(config):
 # Two processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(yaml_path: Path, *args: str, use_cpu: bool = True) -> subprocess.CompletedProcess:
-    """Two processes on CPU. `accelerate launch --cpu --num_processes 2` is not it: without mpirun
-    it starts ONE process. Torchrun under Accelerate (--multi_gpu) with ACCELERATE_USE_CPU is."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    env.pop("ACCELERATE_USE_CPU", None)
-    if use_cpu:
-        env["ACCELERATE_USE_CPU"] = "1"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "train.py", str(yaml_path), *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
+    """train.py in two CPU processes (see gradprobe.launch_two_processes)."""
+    return launch_two_processes(ROOT / "train.py", str(yaml_path), *args, use_cpu=use_cpu)
 
 
 @pytest.mark.multiprocess
