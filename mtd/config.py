@@ -174,6 +174,9 @@ class TrainConfig:
     keep_checkpoints: int = num(2, ge=1)  # mid-stage checkpoints kept; stage-end ones always are
     max_steps_per_job: int | None = num(None, ge=1)  # stop after this many steps (time-limited jobs)
     num_workers: int = num(0, ge=0)  # DataLoader workers
+    # heads-only text stages: run the frozen encoder once over the texts (if its outputs fit in
+    # 4 GiB) and train the heads on those, instead of running it again at every step
+    frozen_features: bool = True
     report_to: str | None = None  # Accelerate tracker, e.g. tensorboard | wandb
 
 

@@ -449,3 +449,25 @@ def test_fresh_start_drops_rows_of_an_attempt_that_never_checkpointed(config):
     (cfg.run_dir / "log.jsonl").write_text('{"stage": 0, "step": 999, "loss": 1.0}\n')
     pipeline.run(cfg)
     assert all(row["step"] != 999 for row in read_log(cfg.run_dir))
+
+
+def test_heads_only_stage_trains_on_frozen_features_computed_once(config, monkeypatch):
+    """Stage 1 (train: heads) runs the frozen encoder once over the texts, not at every step, and
+    trains exactly as the per-step encoder did (up to rounding: padding differs per batch)."""
+    encoded = []
+    real = pipeline.pooled_features
+
+    def counting(student, tokenizer, texts, *args, **kwargs):
+        encoded.append(len(texts))
+        return real(student, tokenizer, texts, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "pooled_features", counting)
+    a = pipeline.run(config("name=a", *FAST))
+    cfg = config("name=a")
+    assert encoded == [len(pipeline.load_corpus(cfg).train), cfg.data.dev_size]  # stage 1 only
+    encoded.clear()
+    b = pipeline.run(config("name=b", *FAST, "train.frozen_features=false"))
+    assert encoded == []
+    assert_same_rows(train_rows(read_log(a)), train_rows(read_log(b)), rel=1e-4)
+    assert_same_rows(dev_rows(read_log(a)), dev_rows(read_log(b)), rel=1e-4)
+    assert_same_function(a, b, atol=1e-4)

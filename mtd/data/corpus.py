@@ -139,6 +139,26 @@ class TargetDataset(torch.utils.data.Dataset):
         return [self.texts[i] for i in indices], multi_teacher_target(parts, self.weights)
 
 
+class FeatureDataset(torch.utils.data.Dataset):
+    """A TargetDataset whose texts come as fixed (N, H) features (a frozen encoder's outputs)."""
+
+    def __init__(self, rows: TargetDataset, features: np.ndarray):
+        if len(features) != len(rows):
+            raise ValueError(f"{len(features)} feature rows for {len(rows)} texts.")
+        self.rows, self.features = rows, torch.from_numpy(np.asarray(features, dtype=np.float32))
+        self.texts = rows.texts
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+    def collate(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        _, target = self.rows.collate(indices)
+        return self.features[indices], target
+
+
 class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
     """Global batch k is a pure function of (seed, k): resuming at step k replays the same order.
 

@@ -60,9 +60,19 @@ class Student(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None,
-                vision_tokens: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """(B, T) token ids, (B, 3, H, W) pixels, or a frozen tower's (B, N, Dv) tokens
-        -> {head: (B, D_head)} unnormalized vectors."""
+                vision_tokens: torch.Tensor | None = None,
+                pooled: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """(B, T) token ids, (B, 3, H, W) pixels, a frozen tower's (B, N, Dv) tokens, or a frozen
+        encoder's (B, H) pooled outputs (see pooled_features) -> {head: (B, D_head)} unnormalized
+        vectors."""
+        if pooled is None:
+            pooled = self.pool(input_ids, attention_mask, pixel_values, vision_tokens)
+        return {name: head(pooled) for name, head in self.heads.items()}
+
+    def pool(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+             pixel_values: torch.Tensor | None = None,
+             vision_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """The encoder's mean-pooled (B, H) output, which every head reads."""
         if pixel_values is not None or vision_tokens is not None:
             if self.image is None:
                 raise StudentError("This student has no image path (student.vision is not set).")
@@ -71,8 +81,7 @@ class Student(nn.Module):
             hidden = self.encoder(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
         else:
             hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        pooled = mean_pool(hidden, attention_mask)  # (B, H)
-        return {name: head(pooled) for name, head in self.heads.items()}
+        return mean_pool(hidden, attention_mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,28 +263,40 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Te
 
 
 @torch.no_grad()
-def encode(
-    student: Student,
-    tokenizer,
-    texts: list[str],
-    head: str,
-    max_length: int,
-    batch_size: int = 64,
-    progress: bool = False,
-) -> np.ndarray:
-    """(N, D_head) L2-normalized float32 vectors of one head, batches sorted by length for speed."""
+def _encode_texts(student: Student, tokenizer, texts: list[str], vectors, dim: int, max_length: int,
+                  batch_size: int, progress: bool, desc: str) -> np.ndarray:
+    """(N, dim) float32 rows of vectors(student, batch), in eval mode, batches sorted by length."""
     was_training = student.training
     student.eval()
     device = next(student.parameters()).device
     order = np.argsort([-len(t) for t in texts], kind="stable")
-    out = np.empty((len(texts), student.head_dims[head]), dtype=np.float32)
-    for start in tqdm(range(0, len(texts), batch_size), disable=not progress, desc="encode"):
+    out = np.empty((len(texts), dim), dtype=np.float32)
+    for start in tqdm(range(0, len(texts), batch_size), disable=not progress, desc=desc):
         idx = order[start : start + batch_size]
         batch = {k: v.to(device) for k, v in tokenize(tokenizer, [texts[i] for i in idx], max_length).items()}
-        vec = student(**batch)[head].float()
-        out[idx] = torch.nn.functional.normalize(vec, dim=-1).cpu().numpy()
+        out[idx] = vectors(student, batch).float().cpu().numpy()
     student.train(was_training)
     return out
+
+
+def encode(student: Student, tokenizer, texts: list[str], head: str, max_length: int,
+           batch_size: int = 64, progress: bool = False) -> np.ndarray:
+    """(N, D_head) L2-normalized float32 vectors of one head, batches sorted by length for speed."""
+    def vectors(model, batch):
+        return torch.nn.functional.normalize(model(**batch)[head].float(), dim=-1)
+
+    return _encode_texts(student, tokenizer, texts, vectors, student.head_dims[head], max_length,
+                         batch_size, progress, "encode")
+
+
+def pooled_features(student: Student, tokenizer, texts: list[str], max_length: int,
+                    batch_size: int = 64, progress: bool = True) -> np.ndarray:
+    """(N, H) float32 mean-pooled encoder outputs in eval mode: while the encoder is frozen (a
+    heads-only stage) exactly what every training step would compute again, so a stage can compute
+    them once and train its heads on them (`forward(pooled=...)`)."""
+    return _encode_texts(student, tokenizer, texts, lambda model, batch: model.pool(**batch),
+                         student.encoder.config.hidden_size, max_length, batch_size, progress,
+                         "frozen encoder features")
 
 
 def vision_parts(mode: str) -> list[str]:

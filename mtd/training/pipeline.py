@@ -13,12 +13,13 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from mtd.config import RunConfig, check_batch_sizes, check_dims, check_saved_config, dump_config
 from mtd.data import images
-from mtd.data.corpus import Corpus, TargetDataset, multi_teacher_target, read_corpus
+from mtd.data.corpus import Corpus, FeatureDataset, TargetDataset, multi_teacher_target, read_corpus
 from mtd.evaluation import report
 from mtd.export import export_student
 from mtd.hf import resolve_model
@@ -30,6 +31,7 @@ from mtd.models.student import (
     check_positions,
     encode,
     load_student,
+    pooled_features,
     resolve_head_dims,
     save_student,
     student_from_sentence_transformer,
@@ -50,6 +52,7 @@ from mtd.training.trainer import (
     CHECKPOINT_FIX,
     StageData,
     check_run_dir,
+    collate_features,
     collate_texts,
     make_accelerator,
     start_log,
@@ -58,7 +61,8 @@ from mtd.training.trainer import (
 
 logger = logging.getLogger(__name__)
 
-MAX_TOKEN_CACHE_BYTES = 4 << 30  # a frozen tower's tokens are kept in memory below this size
+# A frozen tower's tokens, or a frozen encoder's pooled outputs, are kept in memory below this size.
+MAX_FROZEN_BYTES = 4 << 30
 
 
 def load_corpus(cfg: RunConfig) -> Corpus:
@@ -210,9 +214,45 @@ def image_stage_data(cfg: RunConfig, index: int, data: images.ImageCaptions,
                                          seed=cfg.train.seed + 7919 * index)
     tower = student.image.tower
     size = len(dataset) * tower.width * student.image.projection.tokens * 4  # at least; N >= K
-    if "tower" not in vision_parts(stage.train) and size < MAX_TOKEN_CACHE_BYTES:
+    if "tower" not in vision_parts(stage.train) and size < MAX_FROZEN_BYTES:
         dataset.tokens = images.tower_tokens(dataset, tower)  # a frozen tower's tokens never change
     return StageData(dataset, None, images.ImageCaptionDataset.collate, images.StepTaggedSampler)
+
+
+def frozen_features(student: Student, tokenizer, texts: list[str], max_length: int,
+                    accelerator: Accelerator) -> np.ndarray:
+    """(N, H) pooled outputs of the frozen encoder for `texts`, each process encoding its share."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per = -(-len(texts) // world)
+    mine = pooled_features(student, tokenizer, texts[rank * per:(rank + 1) * per], max_length,
+                           progress=accelerator.is_local_main_process)
+    if world == 1:
+        return mine
+    part = torch.zeros(per, mine.shape[1], device=accelerator.device)
+    part[: len(mine)] = torch.from_numpy(mine).to(accelerator.device)
+    return accelerator.gather(part)[: len(texts)].cpu().numpy()  # rank order: the texts' order
+
+
+def text_stage_data(cfg: RunConfig, index: int, data: StageData, tokenizer, accelerator,
+                    student: Student) -> StageData:
+    """Stage `index`'s text batches: tokens, or, in a heads-only stage, the frozen encoder's pooled
+    outputs computed once (train.frozen_features) when they fit in memory: the encoder runs in
+    eval mode there, so every step would compute exactly these again (in float32 here, outside
+    any mixed-precision autocast)."""
+    stage = cfg.stages[index]
+    hidden = student.encoder.config.hidden_size
+    rows = len(data.train) + (len(data.dev) if data.dev is not None else 0)
+    if not (cfg.train.frozen_features and stage.train == "heads" and rows * hidden * 4 < MAX_FROZEN_BYTES):
+        return data
+    logger.info("Stage %s trains heads only: computing the frozen encoder's outputs of %d texts once.",
+                stage.name, rows)
+
+    def features(dataset):
+        return FeatureDataset(dataset, frozen_features(student, tokenizer, list(dataset.texts),
+                                                       cfg.student.max_length, accelerator))
+
+    return StageData(features(data.train), features(data.dev) if data.dev is not None else None,
+                     collate_features, data.sampler)
 
 
 def length_mismatches(cfg: RunConfig) -> list[str]:
@@ -261,7 +301,7 @@ def run(cfg: RunConfig, resume: bool = False) -> Path:
 
     def data_for(index: int):
         if cfg.stages[index].data == "text":
-            return (lambda _student: text_data), len(train_ds)
+            return partial(text_stage_data, cfg, index, text_data, tokenizer, accelerator), len(train_ds)
         make = partial(image_stage_data, cfg, index, pairs, caption_target, tokenizer)
         return make, len(pairs.images)
 

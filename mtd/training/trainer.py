@@ -157,6 +157,12 @@ def collate_texts(dataset: TargetDataset, indices: list[int], *, tokenizer, max_
     return tokenize(tokenizer, texts, max_length), {"teacher": target}
 
 
+def collate_features(dataset, indices: list[int]):
+    """FeatureDataset rows -> ({pooled: (B, H)}, {"teacher": (B, D_target)})."""
+    features, target = dataset.collate(indices)
+    return {"pooled": features}, {"teacher": target}
+
+
 @dataclass
 class StageData:
     """What a stage trains on: its datasets and how a list of rows becomes (inputs, targets).
