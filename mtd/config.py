@@ -175,6 +175,9 @@ class TrainConfig:
     max_steps_per_job: int | None = num(None, ge=1)  # stop after this many steps (time-limited jobs)
     num_workers: int = num(0, ge=0)  # DataLoader workers
     report_to: str | None = None  # Accelerate tracker, e.g. tensorboard | wandb
+    # how long a process waits in a collective for the others before the run stops (a teacher
+    # filling the target cache inside a run, a slow checkpoint); NCCL's own default is 10
+    timeout_minutes: int = num(60, ge=1, le=7 * 24 * 60)
 
 
 @dataclass
