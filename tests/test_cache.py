@@ -196,7 +196,8 @@ class Threads:
         monkeypatch.setattr(distributed, "world_size", lambda: n)
         monkeypatch.setattr(distributed.dist, "get_rank", lambda: self.local.rank)
         monkeypatch.setattr(distributed.dist, "broadcast_object_list",
-                            lambda objects, src: objects.__setitem__(slice(None), self._exchange(objects)[src]))
+                            lambda objects, src: objects.__setitem__(slice(None),
+                                                                     self._exchange(objects)[src]))
         monkeypatch.setattr(distributed.dist, "all_gather_object",
                             lambda out, obj: out.__setitem__(slice(None), self._exchange(obj)))
 
@@ -214,7 +215,8 @@ class Threads:
         def work(rank: int) -> None:
             self.local.rank = rank
             try:
-                outcome[rank] = body(Processes(rank, self.n, distributed.main_decides, distributed.all_succeed))
+                processes = Processes(rank, self.n, distributed.main_decides, distributed.all_succeed)
+                outcome[rank] = body(processes)
             except BaseException as e:  # noqa: BLE001 - handed to the test
                 outcome[rank] = e
                 if not isinstance(e, MtdError):  # not a collective's answer: free the others
@@ -261,7 +263,7 @@ def test_two_processes_fill_a_cache_together_never_writing_the_same_page(tiny_as
     arr = np.load(folder / "vectors.npy", mmap_mode="r")
     spans = sorted(written[0] + written[1])
     assert spans[0][0] == arr.offset and spans[-1][1] == arr.offset + arr.nbytes
-    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
     pages = [{p for lo, hi in written[r] for p in range(lo // PAGE, (hi - 1) // PAGE + 1)} for r in (0, 1)]
     assert pages[0] and pages[1] and not pages[0] & pages[1]
     straddling = (PAGE - arr.offset) // 96  # the row across the first page boundary
@@ -278,7 +280,7 @@ def test_placement_ranges_cover_the_rows_and_share_no_page(offset, row_bytes, ro
         assert len(ranges) == count
         used = [(lo, hi) for lo, hi in ranges if lo < hi]
         assert used[0][0] == offset and used[-1][1] == offset + rows * row_bytes
-        for (_, hi), (lo, _) in zip(used, used[1:]):
+        for (_, hi), (lo, _) in zip(used, used[1:], strict=False):
             assert hi == lo and lo % PAGE == 0  # cut on a page boundary: nothing shared
         if rows * row_bytes >= count * 2 * PAGE:  # enough pages: every process gets a share
             assert len(used) == count
@@ -291,7 +293,8 @@ def test_an_error_reaches_every_process(built, tiny_assets, texts, tmp_path, mon
     threads = Threads(2, monkeypatch)
     folder = _copy(built, tmp_path / "damaged")
     (folder / "manifest.json").write_text("[1, 2]")
-    outcome = threads.run(lambda p: build_teacher_cache(cfg, texts, folder.parent, chunk_size=32, processes=p))
+    outcome = threads.run(lambda p: build_teacher_cache(cfg, texts, folder.parent, chunk_size=32,
+                                                        processes=p))
     assert isinstance(outcome[0], CacheError) and "manifest.json unreadable" in str(outcome[0])
     assert type(outcome[1]) is MtdError
     assert str(outcome[1]) == f"The main process stopped: {outcome[0]}"
@@ -426,11 +429,28 @@ def test_verify_encodes_again_just_the_damaged_chunks_of_a_finished_cache(
     assert counting.calls == []
     # ... until it is verified.
     with caplog.at_level(logging.WARNING, logger="mtd.targets.cache"):
-        assert build_teacher_cache(_cfg(tiny_assets), texts, folder.parent, chunk_size=32, verify=True) == folder
+        again = build_teacher_cache(_cfg(tiny_assets), texts, folder.parent, chunk_size=32, verify=True)
+    assert again == folder
     assert f"is finished but {len(hit)} of 4 chunks fail verification (chunk {hit[0]}: " in caplog.text
     assert counting.calls == [_chunk(texts, c) for c in hit]  # the others are kept
     np.testing.assert_array_equal(open_cache(folder, texts), open_cache(built, texts))
     assert read_json(folder / "manifest.json")["checksums"] == read_json(built / "manifest.json")["checksums"]
+
+
+def test_a_repair_cut_short_is_resumed_not_trusted(built, tiny_assets, texts, tmp_path, monkeypatch):
+    """verify=True found chunk 2 damaged and was stopped while encoding it again: the cache is no
+    longer marked complete, so the next start resumes the repair instead of trusting it."""
+    folder = _copy(built, tmp_path)
+    _damage(folder, texts, "sign-flipped")
+    monkeypatch.setattr(teachers, "encode", CountingEncode(fail_on=1))
+    with pytest.raises(KeyboardInterrupt):
+        build_teacher_cache(_cfg(tiny_assets), texts, folder.parent, chunk_size=32, verify=True)
+    assert read_json(folder / "manifest.json")["complete"] is False
+    resumed = CountingEncode()
+    monkeypatch.setattr(teachers, "encode", resumed)
+    build_teacher_cache(_cfg(tiny_assets), texts, folder.parent, chunk_size=32)
+    assert resumed.calls == [_chunk(texts, 2)]
+    np.testing.assert_array_equal(open_cache(folder, texts), open_cache(built, texts))
 
 
 def test_a_complete_cache_starts_from_its_manifest_alone(built, tiny_assets, texts, monkeypatch):
@@ -734,8 +754,8 @@ def test_bad_row_is_described(built, texts, tmp_path, row, edit):
     arr.flush()
     del arr
     c = list(length_order(texts)).index(row) // 32
-    with pytest.raises(CacheError, match=rf"chunk {c}: rows do not match the checksum in the manifest; 1 rows "
-                       rf"are not finite unit vectors \(first: row {row}\)"):
+    with pytest.raises(CacheError, match=rf"chunk {c}: rows do not match the checksum in the manifest; "
+                       rf"1 rows are not finite unit vectors \(first: row {row}\)"):
         open_cache(folder, texts)
 
 
