@@ -248,13 +248,11 @@ def fill_target_caches(cfg: RunConfig, verify: bool = False) -> None:
     the image captions when an image stage learns teacher targets), filled by the launched
     processes together, and nothing else. verify: check every chunk of a complete cache against
     its checksum too, encoding again those that fail."""
-    if not cfg.teachers:
-        raise cache.CacheError(f"Config {cfg.name!r} has no teachers, so it has no target cache to "
-                               "fill. Add teachers, or train it directly with train.py.")
     text_stages = any(s.data == "text" for s in cfg.stages)
-    if not text_stages and not captions_need_teachers(cfg):
-        raise cache.CacheError(f"Config {cfg.name!r} has no stage that learns teacher targets (no "
-                               "text stage, no image stage with teacher targets): nothing to fill.")
+    if not cfg.teachers or not (text_stages or captions_need_teachers(cfg)):
+        raise cache.CacheError(f"Config {cfg.name!r} reads no teacher targets (it has no teachers, or "
+                               "no text stage and no image stage with teacher targets), so there is "
+                               "no target cache to fill: train it directly with train.py.")
     accelerator = make_accelerator(cfg.train, cfg.run_dir)
     _make_assets(cfg, accelerator)
     check_model_paths(cfg)
