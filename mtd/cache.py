@@ -15,23 +15,17 @@ import argparse
 import logging
 import sys
 
-from mtd.config import ConfigError, load_config
+from mtd.config import parse_config_args
 from mtd.errors import cli_main
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mtd.cache", description=__doc__,
                                      formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("config", help="YAML run config, e.g. configs/default.yaml")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. cache_dir=/big/disk/cache")
     parser.add_argument("--verify", action="store_true",
                         help="check every chunk of complete caches against its checksum (reads every row)")
-    args = parser.parse_args(argv)
+    cfg, args = parse_config_args(parser, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        parser.error(str(e))
     from mtd.training.pipeline import fill_target_caches  # after parsing: --help stays instant
 
     return cli_main("mtd.cache", lambda: fill_target_caches(cfg, verify=args.verify))

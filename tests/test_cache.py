@@ -453,18 +453,29 @@ def test_a_repair_cut_short_is_resumed_not_trusted(built, tiny_assets, texts, tm
     np.testing.assert_array_equal(open_cache(folder, texts), open_cache(built, texts))
 
 
+def _hashed_files(monkeypatch) -> list[Path]:
+    """The files mtd.io hashes from now on, in order."""
+    hashed, real = [], mtd.io._hash_into
+    monkeypatch.setattr(mtd.io, "_hash_into", lambda h, path: (hashed.append(path), real(h, path)))
+    return hashed
+
+
+def forbid_all_but_the_manifest(monkeypatch) -> list[Path]:
+    """Reading a cache's rows or markers, or loading a teacher, fails the test from now on;
+    returns the list of files hashed from now on."""
+    def no_rows(*a, **k):
+        raise AssertionError("rows, a marker or a teacher read although the cache is complete")
+
+    monkeypatch.setattr(cache, "_chunk_problem", no_rows)
+    monkeypatch.setattr(cache, "_marker", no_rows)
+    monkeypatch.setattr(teachers, "load_teacher", no_rows)
+    return _hashed_files(monkeypatch)
+
+
 def test_a_complete_cache_starts_from_its_manifest_alone(built, tiny_assets, texts, monkeypatch):
     """No row read, no marker read, no weight file hashed (the memo has the teacher's hash), no
     teacher loaded."""
-    def no_rows(*a, **k):
-        raise AssertionError("rows read although the cache is complete")
-
-    hashed = []
-    real_hash_into = mtd.io._hash_into
-    monkeypatch.setattr(mtd.io, "_hash_into", lambda h, path: (hashed.append(path), real_hash_into(h, path)))
-    monkeypatch.setattr(cache, "_chunk_problem", no_rows)
-    monkeypatch.setattr(cache, "_marker", no_rows)
-    monkeypatch.setattr(teachers, "load_teacher", _no_teacher)
+    hashed = forbid_all_but_the_manifest(monkeypatch)
     assert build_teacher_cache(_cfg(tiny_assets), texts, built.parent, chunk_size=32) == built
     assert hashed == []
     assert (built.parent / "teacher-hashes.json").is_file()
@@ -476,9 +487,7 @@ def test_weights_hash_memo_follows_the_files(tiny_assets, tmp_path, monkeypatch)
     memo = tmp_path / "memo.json"
     first = hash_folder(folder, memo)
     assert first == hash_folder(folder) and memo.is_file()
-    hashed = []
-    real_hash_into = mtd.io._hash_into
-    monkeypatch.setattr(mtd.io, "_hash_into", lambda h, path: (hashed.append(path), real_hash_into(h, path)))
+    hashed = _hashed_files(monkeypatch)
     assert hash_folder(folder, memo) == first and hashed == []  # unchanged files: not read again
     # Rewritten in place, same size: the mtime tells.
     weights = next(folder.rglob("*.safetensors"))
@@ -487,7 +496,6 @@ def test_weights_hash_memo_follows_the_files(tiny_assets, tmp_path, monkeypatch)
     weights.write_bytes(bytes(data))
     changed = hash_folder(folder, memo)
     assert changed != first and weights in hashed
-    monkeypatch.setattr(mtd.io, "_hash_into", real_hash_into)
     assert changed == hash_folder(folder)
     (folder / "added.json").write_text("{}")
     assert hash_folder(folder, memo) == hash_folder(folder) != changed

@@ -12,8 +12,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from gradprobe import launch_two_processes
+from test_cache import forbid_all_but_the_manifest
 
-import mtd.cache
+import mtd.config
 import mtd.io
 from mtd.cache import main as cache_main
 from mtd.config import ConfigError, TrainConfig, dump_config
@@ -38,10 +39,6 @@ class Counting:
     def __call__(self, model, texts, cfg):
         self.texts += texts
         return self.real(model, texts, cfg)
-
-
-def _never(*a, **k):
-    raise AssertionError("called although every cache is complete")
 
 
 def _yaml(cfg, tmp_path: Path) -> str:
@@ -72,12 +69,7 @@ def test_the_cache_step_fills_what_a_run_then_reuses_at_once(tiny_config, tmp_pa
         open_cache(folder, texts)
 
     # The run: no teacher loads, no row or marker of the caches is read, no weight file hashed.
-    hashed = []
-    real_hash_into = mtd.io._hash_into
-    monkeypatch.setattr(mtd.io, "_hash_into", lambda h, path: (hashed.append(path), real_hash_into(h, path)))
-    monkeypatch.setattr(teachers, "load_teacher", _never)
-    monkeypatch.setattr(cache, "_chunk_problem", _never)
-    monkeypatch.setattr(cache, "_marker", _never)
+    hashed = forbid_all_but_the_manifest(monkeypatch)
     run_dir = pipeline.run(cfg)
     assert (run_dir / "student").is_dir()
     teacher_files = [p for p in hashed if "teacher_" in str(p)]
@@ -128,7 +120,7 @@ def test_a_run_that_fills_a_cache_names_the_cache_step(tiny_config, caplog):
 ], ids=["no teachers", "no teacher targets"])
 def test_a_config_without_teacher_targets_exits_2(tiny_config, tmp_path, monkeypatch, caplog, change):
     cfg = dataclasses.replace(tiny_config(), **change)  # what validation lets through
-    monkeypatch.setattr(mtd.cache, "load_config", lambda *a: cfg)
+    monkeypatch.setattr(mtd.config, "load_config", lambda *a: cfg)
     with caplog.at_level(logging.ERROR):
         assert cache_main(["any.yaml"]) == 2
     assert "Config 'tiny' reads no teacher targets" in caplog.text

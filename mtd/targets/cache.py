@@ -399,10 +399,11 @@ def _plan(cfg: TeacherConfig, texts: Sequence[str], root: Path, chunk_size: int,
         plan.encode = list(range(-(-len(texts) // chunk_size)))
         return plan
     arr = _load_vectors(folder, manifest)
-    chunks = _chunk_rows(length_order(texts), manifest["chunk_size"])  # a fill keeps its chunking
+    n_chunks = -(-len(texts) // manifest["chunk_size"])  # a fill keeps its chunking
+    if manifest.get("complete") is True and _checksums(manifest, n_chunks) is not None and not verify:
+        return _Plan(folder, done=True)  # sizes and manifest only: the fast start
+    chunks = _chunk_rows(length_order(texts), manifest["chunk_size"])
     if manifest.get("complete") is True:
-        if _checksums(manifest, len(chunks)) is not None and not verify:
-            return _Plan(folder, done=True)  # sizes and manifest only: the fast start
         problems = _problems(folder, arr, manifest, chunks)
         if not problems:
             if _checksums(manifest, len(chunks)) is None:  # completed before checksums were recorded

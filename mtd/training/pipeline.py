@@ -168,7 +168,8 @@ def _start_run(cfg: RunConfig, found: Checkpoint | None) -> None:
 
 FILL_HINT = ("At scale, fill the target caches before training with `python -m mtd.cache CONFIG` "
              "(under `accelerate launch`, sharded over the processes): the run then starts at "
-             "once, and no training process waits in a collective while teachers encode.")
+             "once, instead of holding every training process while teachers encode and the main "
+             "process checks their vectors.")
 
 
 def _teacher_arrays(cfg: RunConfig, texts: list[str], accelerator, verify: bool = False,
