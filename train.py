@@ -11,21 +11,15 @@ import json
 import logging
 import sys
 
-from mtd.config import ConfigError, load_config
+from mtd.config import parse_config_args
 from mtd.errors import cli_main
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("config", help="YAML run config, e.g. configs/default.yaml")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.seed=1")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-    args = parser.parse_args(argv)
+    cfg, args = parse_config_args(parser, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        parser.error(str(e))
     from mtd.training.pipeline import run  # after parsing: --help and config errors stay instant
 
     return cli_main("train", lambda: _report(cfg.name, run(cfg, resume=args.resume)))

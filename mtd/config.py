@@ -7,6 +7,7 @@ default. Overrides use dotted paths (`train.seed=3`, `stages.0.lr=1e-4`) and are
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import math
@@ -178,6 +179,9 @@ class TrainConfig:
     # 4 GiB) and train the heads on those, instead of running it again at every step
     frozen_features: bool = True
     report_to: str | None = None  # Accelerate tracker, e.g. tensorboard | wandb
+    # how long a process waits in a collective for the others before the run stops (a teacher
+    # filling the target cache inside a run, a slow checkpoint); NCCL's own default is 10
+    timeout_minutes: int = num(60, ge=1, le=7 * 24 * 60)
 
 
 @dataclass
@@ -393,6 +397,19 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     cfg = from_dict(RunConfig, apply_overrides(data, list(overrides)))
     validate(cfg)
     return cfg
+
+
+def parse_config_args(parser: argparse.ArgumentParser,
+                      argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]:
+    """A command's arguments: CONFIG and dotted overrides added to `parser`, then the config loaded
+    from them; a bad config exits 2 with the parser's usage line, as a bad argument does."""
+    parser.add_argument("config", help="YAML run config, e.g. configs/default.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.seed=1")
+    args = parser.parse_args(argv)
+    try:
+        return load_config(args.config, args.overrides), args
+    except ConfigError as e:
+        parser.error(str(e))
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -142,19 +142,45 @@ def hash_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def hash_folder(folder: str | Path) -> str:
-    """sha256 over the files that define a model (weights, configs, tokenizer), by relative path."""
+def _model_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and p.suffix in _MODEL_FILE_SUFFIXES and p.name != "README.md")
+
+
+def hash_folder(folder: str | Path, memo: str | Path | None = None) -> str:
+    """sha256 over the files that define a model (weights, configs, tokenizer), by relative path.
+
+    memo: a JSON file remembering each folder's hash beside the size and mtime_ns of every file
+    hashed; while they are all unchanged the hash is taken from it instead of reading gigabytes of
+    weights again. Any change (a file added, removed, rewritten) hashes the folder anew. The memo
+    is a convenience: one that can not be read or written is ignored.
+    """
     folder = Path(folder)
+    files = _model_files(folder)
+    stats = {str(p.relative_to(folder)): [st.st_size, st.st_mtime_ns] for p in files if (st := p.stat())}
+    key = str(folder.resolve())
+    known: dict[str, Any] = {}
+    if memo is not None:
+        try:
+            known = read_json(memo)
+        except (OSError, ValueError):  # missing, unreadable or damaged: hash for real
+            known = {}
+        entry = known.get(key) if isinstance(known, dict) else None
+        if isinstance(entry, dict) and entry.get("files") == stats and isinstance(entry.get("sha256"), str):
+            return entry["sha256"]
     h = hashlib.sha256()
-    files = sorted(
-        p
-        for p in folder.rglob("*")
-        if p.is_file() and p.suffix in _MODEL_FILE_SUFFIXES and p.name != "README.md"
-    )
     for p in files:
         h.update(str(p.relative_to(folder)).encode())
         _hash_into(h, p)
-    return h.hexdigest()
+    digest = h.hexdigest()
+    if memo is not None:
+        known = known if isinstance(known, dict) else {}
+        known[key] = {"files": stats, "sha256": digest}  # the stats from before hashing
+        try:
+            atomic_write_json(memo, known)
+        except OSError as e:  # e.g. a read-only cache folder: the next start hashes again
+            logging.getLogger(__name__).debug("Could not write %s (%s)", memo, e)
+    return digest
 
 
 class NotWritableError(MtdError, OSError):

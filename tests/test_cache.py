@@ -6,18 +6,32 @@ import errno
 import json
 import logging
 import os
+import pickle
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+import mtd.io
 from mtd.config import TeacherConfig
+from mtd.errors import MtdError
 from mtd.io import hash_folder, hash_texts, read_json
-from mtd.targets import teachers
-from mtd.targets.cache import CacheError, build_teacher_cache, cached_targets, length_order, open_cache
+from mtd.targets import cache, teachers
+from mtd.targets.cache import (
+    PAGE,
+    CacheError,
+    Processes,
+    build_teacher_cache,
+    cached_targets,
+    length_order,
+    open_cache,
+    placement_ranges,
+)
+from mtd.training import distributed
 
 N_TEXTS = 100
 
@@ -71,7 +85,7 @@ def _interrupted_fill(cfg: TeacherConfig, texts: list[str], root: Path, monkeypa
     monkeypatch.setattr(teachers, "encode", CountingEncode(fail_on=fail_on))
     with pytest.raises(KeyboardInterrupt):
         build_teacher_cache(cfg, texts, root, chunk_size=32)
-    (folder,) = root.iterdir()
+    (folder,) = _folders(root)
     return folder
 
 
@@ -84,6 +98,11 @@ def _copy(folder: Path, tmp_path: Path) -> Path:
     dst = tmp_path / folder.parent.name / folder.name
     shutil.copytree(folder, dst)
     return dst
+
+
+def _folders(root: Path) -> list[Path]:
+    """The cache folders under root (beside them: the teachers' weight-hash memo)."""
+    return sorted(p for p in root.iterdir() if p.is_dir())
 
 
 # --- a clean build ----------------------------------------------------------------------------------
@@ -127,7 +146,7 @@ def test_changed_corpus_or_prompt_gets_a_new_folder(built, tiny_assets, texts, t
     other_corpus = build_teacher_cache(_cfg(tiny_assets), other_texts, root, chunk_size=32)
     prompted = build_teacher_cache(_cfg(tiny_assets, prompt="query: "), texts, root, chunk_size=32)
     assert len({old, other_corpus, prompted}) == 3
-    assert sorted(p.name for p in root.iterdir()) == sorted(p.name for p in (old, other_corpus, prompted))
+    assert _folders(root) == sorted((old, other_corpus, prompted))
     for folder, corpus in ((old, texts), (other_corpus, other_texts), (prompted, texts)):
         open_cache(folder, corpus)  # the old one is untouched and still valid
     np.testing.assert_array_equal(open_cache(old, texts), open_cache(built, texts))
@@ -165,31 +184,142 @@ def test_unreadable_unfinished_fill_stops_and_keeps_its_chunks(tiny_assets, text
     assert _snapshot(folder) == before  # its 2 finished chunks are not thrown away
 
 
-def test_two_ranks_fill_alternate_chunks(built, tiny_assets, texts, tmp_path, monkeypatch):
-    """Ranks run one after the other: rank 0's second barrier (after its own chunks) runs rank 1."""
-    cfg = _cfg(tiny_assets)
-    counting = CountingEncode()
-    monkeypatch.setattr(teachers, "encode", counting)
-    barriers = []
+class Threads:
+    """n threads standing in for n processes. The collectives are mtd.training.distributed's own
+    (main_decides, all_succeed); only torch.distributed's object exchange under them is replaced
+    by its effect (pickled, as over the wire), over a barrier."""
 
-    def barrier():
-        barriers.append(len(counting.calls))
-        if len(barriers) == 2:
-            build_teacher_cache(cfg, texts, tmp_path, chunk_size=32, rank=1, world_size=2)
+    def __init__(self, n: int, monkeypatch):
+        self.n, self.local = n, threading.local()
+        self.barrier = threading.Barrier(n, timeout=120)
+        self.board: list = [None] * n
+        monkeypatch.setattr(distributed, "world_size", lambda: n)
+        monkeypatch.setattr(distributed.dist, "get_rank", lambda: self.local.rank)
+        monkeypatch.setattr(distributed.dist, "broadcast_object_list",
+                            lambda objects, src: objects.__setitem__(slice(None),
+                                                                     self._exchange(objects)[src]))
+        monkeypatch.setattr(distributed.dist, "all_gather_object",
+                            lambda out, obj: out.__setitem__(slice(None), self._exchange(obj)))
 
-    folder = build_teacher_cache(cfg, texts, tmp_path, chunk_size=32, rank=0, world_size=2,
-                                 barrier=barrier)
-    assert barriers == [0, 2, 4]
-    # rank 0: chunks 0 and 2; then rank 1: chunks 1 and 3
-    assert counting.calls == [_chunk(texts, c) for c in (0, 2, 1, 3)]
+    def _exchange(self, obj):
+        self.board[self.local.rank] = pickle.dumps(obj)
+        self.barrier.wait()
+        seen = [pickle.loads(b) for b in self.board]
+        self.barrier.wait()
+        return seen
+
+    def run(self, body) -> list:
+        """body(processes) on every rank at once: what each returned, or the error it raised."""
+        outcome: list = [None] * self.n
+
+        def work(rank: int) -> None:
+            self.local.rank = rank
+            try:
+                processes = Processes(rank, self.n, distributed.main_decides, distributed.all_succeed)
+                outcome[rank] = body(processes)
+            except BaseException as e:  # noqa: BLE001 - handed to the test
+                outcome[rank] = e
+                if not isinstance(e, MtdError):  # not a collective's answer: free the others
+                    self.barrier.abort()
+
+        threads = [threading.Thread(target=work, args=(r,)) for r in range(self.n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return outcome
+
+
+def test_two_processes_fill_a_cache_together_never_writing_the_same_page(tiny_assets, texts, tmp_path,
+                                                                          monkeypatch):
+    """teacher_b: 96-byte rows, so a row straddles the page boundary between the two parts."""
+    cfg = _cfg(tiny_assets, "teacher_b")
+    alone = build_teacher_cache(cfg, texts, tmp_path / "alone", chunk_size=32)
+    threads = Threads(2, monkeypatch)
+    encoded, written = {0: [], 1: []}, {0: [], 1: []}
+    real_encode, real_pwrite = teachers.encode, os.pwrite
+
+    def encode(model, chunk_texts, cfg):
+        encoded[threads.local.rank].append(list(chunk_texts))
+        return real_encode(model, chunk_texts, cfg)
+
+    def pwrite(fd, data, offset):
+        n = real_pwrite(fd, data, offset)
+        written[threads.local.rank].append((offset, offset + n))
+        return n
+
+    monkeypatch.setattr(teachers, "encode", encode)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    root = tmp_path / "together"
+    outcome = threads.run(lambda p: build_teacher_cache(cfg, texts, root, chunk_size=32, processes=p))
+    (folder,) = _folders(root)
+    assert outcome == [folder, folder]
+    # rank 0: chunks 0 and 2, rank 1: chunks 1 and 3, each once
+    assert encoded == {0: [_chunk(texts, 0), _chunk(texts, 2)], 1: [_chunk(texts, 1), _chunk(texts, 3)]}
     assert read_json(folder / "manifest.json")["complete"] is True
-    np.testing.assert_array_equal(open_cache(folder, texts), open_cache(built, texts))
+    assert not list((folder / "pending").iterdir())
+    np.testing.assert_array_equal(open_cache(folder, texts), open_cache(alone, texts))
+    # Every byte of the rows written once, and no page written by both processes.
+    arr = np.load(folder / "vectors.npy", mmap_mode="r")
+    spans = sorted(written[0] + written[1])
+    assert spans[0][0] == arr.offset and spans[-1][1] == arr.offset + arr.nbytes
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+    pages = [{p for lo, hi in written[r] for p in range(lo // PAGE, (hi - 1) // PAGE + 1)} for r in (0, 1)]
+    assert pages[0] and pages[1] and not pages[0] & pages[1]
+    straddling = (PAGE - arr.offset) // 96  # the row across the first page boundary
+    assert arr.offset + straddling * 96 < PAGE < arr.offset + (straddling + 1) * 96
+    assert max(hi for _, hi in written[0]) == PAGE == min(lo for lo, _ in written[1])
 
 
-def test_rank_0_alone_does_not_mark_a_two_rank_fill_complete(tiny_assets, texts, tmp_path):
-    with pytest.raises(CacheError, match="only 2 chunks finished"):
-        build_teacher_cache(_cfg(tiny_assets), texts, tmp_path, chunk_size=32, rank=0, world_size=2)
-    (folder,) = tmp_path.iterdir()
+@pytest.mark.parametrize("offset", [128, 4096, 200])
+@pytest.mark.parametrize("row_bytes", [64, 96, 2304, 2050])
+@pytest.mark.parametrize("rows", [1, 100, 12345])
+def test_placement_ranges_cover_the_rows_and_share_no_page(offset, row_bytes, rows):
+    for count in (1, 2, 3, 5, 8):
+        ranges = placement_ranges(offset, rows, row_bytes, count)
+        assert len(ranges) == count
+        used = [(lo, hi) for lo, hi in ranges if lo < hi]
+        assert used[0][0] == offset and used[-1][1] == offset + rows * row_bytes
+        for (_, hi), (lo, _) in zip(used, used[1:], strict=False):
+            assert hi == lo and lo % PAGE == 0  # cut on a page boundary: nothing shared
+        if rows * row_bytes >= count * 2 * PAGE:  # enough pages: every process gets a share
+            assert len(used) == count
+
+
+def test_an_error_reaches_every_process(built, tiny_assets, texts, tmp_path, monkeypatch):
+    """Neither process waits forever: the main process's error (an untrusted cache) and another
+    process's error (a teacher's zero vector while encoding) stop both."""
+    cfg = _cfg(tiny_assets)
+    threads = Threads(2, monkeypatch)
+    folder = _copy(built, tmp_path / "damaged")
+    (folder / "manifest.json").write_text("[1, 2]")
+    outcome = threads.run(lambda p: build_teacher_cache(cfg, texts, folder.parent, chunk_size=32,
+                                                        processes=p))
+    assert isinstance(outcome[0], CacheError) and "manifest.json unreadable" in str(outcome[0])
+    assert type(outcome[1]) is MtdError
+    assert str(outcome[1]) == f"The main process stopped: {outcome[0]}"
+
+    real = teachers.encode
+    bad_text = _chunk(texts, 1)[3]  # chunk 1 is rank 1's
+
+    def encode(model, chunk_texts, cfg):
+        vecs = real(model, chunk_texts, cfg)
+        if bad_text in chunk_texts:
+            vecs[chunk_texts.index(bad_text)] = 0.0
+        return vecs
+
+    monkeypatch.setattr(teachers, "encode", encode)
+    outcome = threads.run(lambda p: build_teacher_cache(cfg, texts, tmp_path / "fresh", chunk_size=32,
+                                                        processes=p))
+    assert isinstance(outcome[1], CacheError) and "gave a zero or non-finite vector" in str(outcome[1])
+    assert type(outcome[0]) is MtdError and str(outcome[0]) == f"Process 1 stopped: {outcome[1]}"
+
+
+def test_one_process_alone_does_not_mark_a_two_process_fill_complete(tiny_assets, texts, tmp_path):
+    with pytest.raises(CacheError, match="2 chunks were not encoded. Run every process"):
+        build_teacher_cache(_cfg(tiny_assets), texts, tmp_path, chunk_size=32,
+                            processes=Processes(rank=0, count=2))
+    (folder,) = _folders(tmp_path)
     assert read_json(folder / "manifest.json")["complete"] is False
 
 
@@ -215,7 +345,7 @@ def test_zero_or_nan_teacher_vector_names_the_text(tiny_assets, texts, tmp_path,
     with pytest.raises(CacheError) as e:
         build_teacher_cache(_cfg(tiny_assets), texts, tmp_path, chunk_size=32)
     assert "text 45" in str(e.value) and repr(texts[45][:80]) in str(e.value)
-    (folder,) = tmp_path.iterdir()
+    (folder,) = _folders(tmp_path)
     failed = list(length_order(texts)).index(45) // 32  # chunks before it were kept
     assert sorted(p.name for p in (folder / "chunks").iterdir()) == [f"{c:06d}" for c in range(failed)]
 
@@ -248,7 +378,6 @@ def _damage(folder: Path, texts: list[str], kind: str) -> list[int]:
     """Damages a finished cache in place; returns the chunks hit. All but 'nan row' keep every row
     a finite unit vector, which only the checksums can catch."""
     one, two = _rows_of(texts, 1), _rows_of(texts, 2)
-    marker = folder / "chunks" / "000002"
     arr = np.load(folder / "vectors.npy", mmap_mode="r+")
     hit = [2]
     if kind == "scrambled":
@@ -263,17 +392,15 @@ def _damage(folder: Path, texts: list[str], kind: str) -> list[int]:
         hit = [1, 2]
     elif kind == "nan row":
         arr[two[3], 7] = np.nan
-    elif kind == "marker truncated":
-        marker.write_text(marker.read_text()[:10])
-    elif kind == "marker missing":
-        marker.unlink()
+    elif kind == "checksum changed":
+        sums = read_json(folder / "manifest.json")["checksums"]
+        _edit_manifest(folder, checksums=sums[:2] + ["0" * 32] + sums[3:])
     arr.flush()
     del arr
     return hit
 
 
-DAMAGE = ["scrambled", "duplicated", "sign-flipped", "chunks swapped", "nan row", "marker truncated",
-          "marker missing"]
+DAMAGE = ["scrambled", "duplicated", "sign-flipped", "chunks swapped", "nan row", "checksum changed"]
 
 
 @pytest.mark.parametrize("kind", DAMAGE)
@@ -284,49 +411,147 @@ def test_open_cache_names_damaged_chunks(built, texts, tmp_path, kind):
     damaged = _snapshot(folder)
     assert damaged != clean
     with pytest.raises(CacheError, match=rf"{len(hit)} of 4 chunks fail verification \(chunk {hit[0]}: "
-                       r".*\)\. Run build_teacher_cache .* re-encodes just those chunks"):
+                       r".*\)\. Run `python -m mtd.cache CONFIG --verify` .* re-encodes just those chunks"):
         open_cache(folder, texts)
     assert _snapshot(folder) == damaged
 
 
 @pytest.mark.parametrize("kind", DAMAGE)
-def test_damaged_chunks_of_a_finished_cache_are_encoded_again_alone(
+def test_verify_encodes_again_just_the_damaged_chunks_of_a_finished_cache(
     built, tiny_assets, texts, tmp_path, monkeypatch, caplog, kind
 ):
     folder = _copy(built, tmp_path)
     hit = _damage(folder, texts, kind)
     counting = CountingEncode()
     monkeypatch.setattr(teachers, "encode", counting)
+    # A start trusts a complete cache's manifest: no row is read, the damage goes unseen ...
+    assert build_teacher_cache(_cfg(tiny_assets), texts, folder.parent, chunk_size=32) == folder
+    assert counting.calls == []
+    # ... until it is verified.
     with caplog.at_level(logging.WARNING, logger="mtd.targets.cache"):
-        assert build_teacher_cache(_cfg(tiny_assets), texts, folder.parent, chunk_size=32) == folder
+        again = build_teacher_cache(_cfg(tiny_assets), texts, folder.parent, chunk_size=32, verify=True)
+    assert again == folder
     assert f"is finished but {len(hit)} of 4 chunks fail verification (chunk {hit[0]}: " in caplog.text
     assert counting.calls == [_chunk(texts, c) for c in hit]  # the others are kept
     np.testing.assert_array_equal(open_cache(folder, texts), open_cache(built, texts))
+    assert read_json(folder / "manifest.json")["checksums"] == read_json(built / "manifest.json")["checksums"]
 
 
-def test_resume_encodes_again_a_finished_chunk_whose_rows_changed(
-    built, tiny_assets, texts, tmp_path, monkeypatch, caplog
-):
-    cfg = _cfg(tiny_assets)
-    folder = _interrupted_fill(cfg, texts, tmp_path, monkeypatch)
-    arr = np.load(folder / "vectors.npy", mmap_mode="r+")
-    arr[_rows_of(texts, 1)[4]] *= -1
-    arr.flush()
-    del arr
+def test_a_repair_cut_short_is_resumed_not_trusted(built, tiny_assets, texts, tmp_path, monkeypatch):
+    """verify=True found chunk 2 damaged and was stopped while encoding it again: the cache is no
+    longer marked complete, so the next start resumes the repair instead of trusting it."""
+    folder = _copy(built, tmp_path)
+    _damage(folder, texts, "sign-flipped")
+    monkeypatch.setattr(teachers, "encode", CountingEncode(fail_on=1))
+    with pytest.raises(KeyboardInterrupt):
+        build_teacher_cache(_cfg(tiny_assets), texts, folder.parent, chunk_size=32, verify=True)
+    assert read_json(folder / "manifest.json")["complete"] is False
     resumed = CountingEncode()
     monkeypatch.setattr(teachers, "encode", resumed)
-    with caplog.at_level(logging.WARNING, logger="mtd.targets.cache"):
-        build_teacher_cache(cfg, texts, tmp_path, chunk_size=32)
-    assert "chunk 1 fails verification (rows do not match the checksum in its marker)" in caplog.text
-    assert resumed.calls == [_chunk(texts, c) for c in (1, 2, 3)]  # chunk 0 kept
+    build_teacher_cache(_cfg(tiny_assets), texts, folder.parent, chunk_size=32)
+    assert resumed.calls == [_chunk(texts, 2)]
     np.testing.assert_array_equal(open_cache(folder, texts), open_cache(built, texts))
 
 
+def _hashed_files(monkeypatch) -> list[Path]:
+    """The files mtd.io hashes from now on, in order."""
+    hashed, real = [], mtd.io._hash_into
+    monkeypatch.setattr(mtd.io, "_hash_into", lambda h, path: (hashed.append(path), real(h, path)))
+    return hashed
+
+
+def forbid_all_but_the_manifest(monkeypatch) -> list[Path]:
+    """Reading a cache's rows or markers, or loading a teacher, fails the test from now on;
+    returns the list of files hashed from now on."""
+    def no_rows(*a, **k):
+        raise AssertionError("rows, a marker or a teacher read although the cache is complete")
+
+    monkeypatch.setattr(cache, "_chunk_problem", no_rows)
+    monkeypatch.setattr(cache, "_marker", no_rows)
+    monkeypatch.setattr(teachers, "load_teacher", no_rows)
+    return _hashed_files(monkeypatch)
+
+
+def test_a_complete_cache_starts_from_its_manifest_alone(built, tiny_assets, texts, monkeypatch):
+    """No row read, no marker read, no weight file hashed (the memo has the teacher's hash), no
+    teacher loaded."""
+    hashed = forbid_all_but_the_manifest(monkeypatch)
+    assert build_teacher_cache(_cfg(tiny_assets), texts, built.parent, chunk_size=32) == built
+    assert hashed == []
+    assert (built.parent / "teacher-hashes.json").is_file()
+
+
+def test_weights_hash_memo_follows_the_files(tiny_assets, tmp_path, monkeypatch):
+    folder = tmp_path / "teacher"
+    shutil.copytree(tiny_assets / "teacher_a", folder)
+    memo = tmp_path / "memo.json"
+    first = hash_folder(folder, memo)
+    assert first == hash_folder(folder) and memo.is_file()
+    hashed = _hashed_files(monkeypatch)
+    assert hash_folder(folder, memo) == first and hashed == []  # unchanged files: not read again
+    # Rewritten in place, same size: the mtime tells.
+    weights = next(folder.rglob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    changed = hash_folder(folder, memo)
+    assert changed != first and weights in hashed
+    assert changed == hash_folder(folder)
+    (folder / "added.json").write_text("{}")
+    assert hash_folder(folder, memo) == hash_folder(folder) != changed
+    memo.write_text("{not json")  # a damaged memo is ignored (and replaced)
+    assert hash_folder(folder, memo) == hash_folder(folder)
+    assert read_json(memo)[str(folder.resolve())]["sha256"] == hash_folder(folder)
+
+
+@pytest.mark.parametrize("where", ["pending file", "placed rows", "marker"])
+def test_resume_encodes_again_a_finished_chunk_whose_rows_changed(
+    built, tiny_assets, texts, tmp_path, monkeypatch, caplog, where
+):
+    """An unfinished fill is checked in full when it resumes: chunk 1's rows (still in its pending
+    file, or already placed in vectors.npy) or its marker no longer match."""
+    cfg = _cfg(tiny_assets)
+    if where == "placed rows":  # stopped after placing every chunk, before it was marked complete
+        folder = _copy(built, tmp_path)
+        _edit_manifest(folder, complete=False, checksums=None)
+        arr = np.load(folder / "vectors.npy", mmap_mode="r+")
+        arr[_rows_of(texts, 1)[4]] *= -1
+        arr.flush()
+        del arr
+        again = [1]
+    else:
+        folder = _interrupted_fill(cfg, texts, tmp_path, monkeypatch)
+        again = [1, 2, 3]
+        if where == "pending file":
+            data = np.load(folder / "pending" / "000001.npy")
+            data[4] *= -1
+            np.save(folder / "pending" / "000001.npy", data)
+        else:
+            (folder / "chunks" / "000001").write_text("0123\n")
+    resumed = CountingEncode()
+    monkeypatch.setattr(teachers, "encode", resumed)
+    with caplog.at_level(logging.WARNING, logger="mtd.targets.cache"):
+        build_teacher_cache(cfg, texts, folder.parent, chunk_size=32)
+    assert "chunk 1 fails verification (rows do not match the checksum in its marker" in caplog.text
+    assert resumed.calls == [_chunk(texts, c) for c in again]  # chunk 0 kept
+    np.testing.assert_array_equal(open_cache(folder, texts), open_cache(built, texts))
+
+
+def test_a_fill_stopped_after_its_last_chunk_is_finished_without_a_teacher(built, tiny_assets, texts,
+                                                                           tmp_path, monkeypatch):
+    folder = _copy(built, tmp_path)
+    _edit_manifest(folder, complete=False, checksums=None)
+    monkeypatch.setattr(teachers, "load_teacher", _no_teacher)
+    assert build_teacher_cache(_cfg(tiny_assets), texts, folder.parent, chunk_size=32) == folder
+    assert read_json(folder / "manifest.json") == read_json(built / "manifest.json")
+
+
 def test_cache_from_before_checksums_is_reused(built, tiny_assets, texts, tmp_path, monkeypatch):
-    """Empty markers and no 'checksum' in the manifest: the rows' own check vouches for them."""
+    """Empty markers and no 'checksum(s)' in the manifest: the rows' own check vouches for them,
+    once; then their checksums are recorded, and a start needs nothing else."""
     folder = _copy(built, tmp_path)
     m = read_json(folder / "manifest.json")
-    del m["checksum"]
+    del m["checksum"], m["checksums"]
     (folder / "manifest.json").write_text(json.dumps(m), encoding="utf-8")
     for marker in (folder / "chunks").iterdir():
         marker.write_text("")
@@ -334,8 +559,9 @@ def test_cache_from_before_checksums_is_reused(built, tiny_assets, texts, tmp_pa
     monkeypatch.setattr(teachers, "encode", counting)
     build_teacher_cache(_cfg(tiny_assets), texts, folder.parent, chunk_size=32)
     assert counting.calls == []
+    assert read_json(folder / "manifest.json") == read_json(built / "manifest.json")
     _damage(folder, texts, "nan row")
-    build_teacher_cache(_cfg(tiny_assets), texts, folder.parent, chunk_size=32)
+    build_teacher_cache(_cfg(tiny_assets), texts, folder.parent, chunk_size=32, verify=True)
     assert counting.calls == [_chunk(texts, 2)]
     np.testing.assert_array_equal(open_cache(folder, texts), open_cache(built, texts))
 
@@ -408,35 +634,59 @@ def test_a_start_killed_before_its_manifest_starts_again(built, tiny_assets, tex
 
 
 def test_too_little_free_space_is_refused_before_allocating(tiny_assets, texts, tmp_path, monkeypatch):
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=5000))
-    with pytest.raises(CacheError, match=r"100 x 32 float16 vectors need 10,496 bytes \(0\.0 MB\), but only "
-                       r"5,000 bytes \(0\.0 MB\) are free on that disk\. Free space there, or set cache_dir"):
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=15000))
+    with pytest.raises(CacheError, match=r"100 x 32 float16 vectors need 16,896 bytes \(0\.0 MB\) while they "
+                       r"are written \(twice their size, until the end\), but only 15,000 bytes \(0\.0 MB\) "
+                       r"are free on that disk\. Free space there, or set cache_dir"):
         build_teacher_cache(_cfg(tiny_assets), texts, tmp_path, chunk_size=32)
     assert not list(tmp_path.rglob("vectors.npy"))
 
 
 def test_disk_full_while_writing_a_chunk_keeps_the_finished_ones(built, tiny_assets, texts, tmp_path,
                                                                   monkeypatch):
-    real, writes = os.pwrite, []
+    real, writes = cache.atomic_save_npy, []
 
-    def pwrite(fd, data, offset):
-        writes.append(offset)
-        if len(writes) > 2 * 32:  # chunks 0 and 1 (32 rows each) fit on the disk
+    def save(path, array):
+        writes.append(path)
+        if len(writes) > 2:  # chunks 0 and 1 fit on the disk
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(fd, data, offset)
+        return real(path, array)
 
-    monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(cache, "atomic_save_npy", save)
     with pytest.raises(CacheError, match=r"writing chunk 2 failed; the 2 chunks finished so far are kept\. "
-                       r"Cannot write .*teacher_a-\w+ \(No space left on device\): the disk is full"):
+                       r"Cannot write .*teacher_a-\w+/pending/000002.npy \(No space left on device\): the "
+                       r"disk is full"):
         build_teacher_cache(_cfg(tiny_assets), texts, tmp_path, chunk_size=32)
-    monkeypatch.setattr(os, "pwrite", real)
-    (folder,) = tmp_path.iterdir()
+    monkeypatch.setattr(cache, "atomic_save_npy", real)
+    (folder,) = _folders(tmp_path)
     assert sorted(p.name for p in (folder / "chunks").iterdir()) == ["000000", "000001"]
     resumed = CountingEncode()
     monkeypatch.setattr(teachers, "encode", resumed)
     build_teacher_cache(_cfg(tiny_assets), texts, tmp_path, chunk_size=32)
     assert resumed.calls == [_chunk(texts, 2), _chunk(texts, 3)]
     np.testing.assert_array_equal(open_cache(folder, texts), open_cache(built, texts))
+
+
+def test_disk_full_while_placing_rows_keeps_every_encoded_chunk(built, tiny_assets, texts, tmp_path,
+                                                                 monkeypatch):
+    real, writes = os.pwrite, []
+
+    def pwrite(fd, data, offset):
+        writes.append(offset)
+        if len(writes) > 40:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    with pytest.raises(CacheError, match=r"placing rows in vectors.npy failed; the 4 chunks finished so far "
+                       r"are kept\. Cannot write .*vectors.npy \(No space left on device\)"):
+        build_teacher_cache(_cfg(tiny_assets), texts, tmp_path, chunk_size=32)
+    monkeypatch.setattr(os, "pwrite", real)
+    (folder,) = _folders(tmp_path)
+    monkeypatch.setattr(teachers, "load_teacher", _no_teacher)  # every chunk waits in its pending file
+    build_teacher_cache(_cfg(tiny_assets), texts, tmp_path, chunk_size=32)
+    np.testing.assert_array_equal(open_cache(folder, texts), open_cache(built, texts))
+    assert not list((folder / "pending").iterdir())
 
 
 def test_cache_dir_that_is_a_file(tiny_assets, texts, tmp_path, monkeypatch):
@@ -455,6 +705,7 @@ def _read_only(monkeypatch, code: int) -> None:
         raise OSError(code, os.strerror(code), str(dir))
 
     monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)  # atomic writes
 
 
 @pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES])
@@ -511,8 +762,8 @@ def test_bad_row_is_described(built, texts, tmp_path, row, edit):
     arr.flush()
     del arr
     c = list(length_order(texts)).index(row) // 32
-    with pytest.raises(CacheError, match=rf"chunk {c}: rows do not match the checksum in its marker; 1 rows "
-                       rf"are not finite unit vectors \(first: row {row}\)"):
+    with pytest.raises(CacheError, match=rf"chunk {c}: rows do not match the checksum in the manifest; "
+                       rf"1 rows are not finite unit vectors \(first: row {row}\)"):
         open_cache(folder, texts)
 
 
@@ -575,6 +826,6 @@ def test_cached_targets_shapes(tiny_assets, texts, tmp_path):
     arrays = cached_targets(cfgs, texts[:40], tmp_path, chunk_size=16)
     assert [a.shape for a in arrays] == [(40, 32), (40, 48)]
     assert all(isinstance(a, np.memmap) and a.dtype == np.float16 for a in arrays)
-    assert len(list(tmp_path.iterdir())) == 2
+    assert len(_folders(tmp_path)) == 2
     np.testing.assert_allclose(np.asarray(arrays[1], dtype=np.float32),
                                _reference(tiny_assets, "teacher_b", texts[:40]), atol=2e-3)

@@ -18,6 +18,7 @@ LAYERS = [
     {"export"},
     {"evaluation"},
     {"training"},
+    {"cache"},  # `python -m mtd.cache`: a run's first step, over the training pipeline
 ]
 
 

@@ -1,19 +1,35 @@
 """On-disk teacher target cache: each teacher encodes the corpus once, into a float16 file.
 
 Layout of one cache folder (CACHE_ROOT/<teacher>-<key>/):
-    vectors.npy    (N, D) float16, L2-normalized teacher vectors; created full of NaN, so a row
-                   that was never written can not pass for data
-    chunks/NNNNNN  marker per finished chunk, written after its rows reached the disk; it holds the
+    vectors.npy    (N, D) float16, L2-normalized teacher vectors in corpus order; created full of
+                   NaN, so a row that was never written can not pass for data
+    chunks/NNNNNN  marker per encoded chunk, written after its rows reached the disk; it holds the
                    blake2b checksum of the chunk's rows (in row order), so a marker is only trusted
                    while the rows still match it
+    pending/NNNNNN.npy  a chunk's rows as encoded, until they are placed in vectors.npy
     manifest.json  teacher identity (weights hash, pooling, prompt, max length, dtype), corpus
-                   fingerprint, dim, chunk size, rows written, complete flag
+                   fingerprint, dim, chunk size, rows written, complete flag; once complete, the
+                   checksum of every chunk
+CACHE_ROOT/teacher-hashes.json remembers each teacher folder's weights hash while its files keep
+their sizes and mtimes (mtd.io.hash_folder), so a start does not read the weights again.
 
 The key hashes the teacher identity and the corpus fingerprint, so a changed teacher or corpus gets
-a new folder (the old one is left alone) and an interrupted fill resumes chunk by chunk. With
-several processes, chunk c is encoded by rank c % world_size; markers make that safe without locks.
-Vectors are stored normalized because the multi-teacher target only uses directions, and unit rows
-can not overflow float16.
+a new folder (the old one is left alone) and an interrupted fill resumes chunk by chunk. Vectors are
+stored normalized because the multi-teacher target only uses directions, and unit rows can not
+overflow float16.
+
+A fill by P processes (1 alone; `python -m mtd.cache`, or a run, under accelerate launch):
+1. The main process decides, the others wait for its answer (an error reaches them all): it checks
+   the manifest and says which chunks to encode. A complete cache ends here: its manifest and the
+   size of vectors.npy are checked, no row is read, no teacher loads (`verify=True` checks every
+   chunk against its checksum as well). Resuming an unfinished fill checks every marked chunk.
+2. Every process encodes its share of those chunks into pending files. Chunks follow the corpus's
+   global length order, so batches are as well packed as in one encode() call.
+3. Every process copies the pending rows that fall in its own part of vectors.npy there: P
+   contiguous byte ranges cut at page boundaries, so no two processes (nodes sharing a file
+   system) ever write the same page.
+4. The main process checks the placed rows against their markers, removes the pending files,
+   and records every chunk's checksum in the manifest, which marks the cache complete.
 
 A finished cache costs hours of teacher time, so nothing here deletes one. A folder that can not be
 trusted as a whole (manifest unreadable or for another teacher/corpus, vectors of the wrong shape)
@@ -32,6 +48,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +57,7 @@ from tqdm.auto import tqdm
 
 from mtd.config import TeacherConfig
 from mtd.errors import MtdError, explain_os_error
-from mtd.io import atomic_write_json, atomic_write_text, hash_texts, read_json
+from mtd.io import atomic_save_npy, atomic_write_json, atomic_write_text, hash_texts, read_json
 from mtd.targets import teachers
 
 logger = logging.getLogger(__name__)
@@ -49,12 +66,33 @@ CACHE_VERSION = 2  # 2: chunks follow the corpus's length order
 VECTORS = "vectors.npy"
 MANIFEST = "manifest.json"
 CHUNKS = "chunks"
+PENDING = "pending"
+HASH_MEMO = "teacher-hashes.json"
 CHECKSUM = "blake2b-128"  # manifests without it predate checksums: their markers are empty
 NOT_WRITTEN = "not written"
+PAGE = 4096  # no two processes write into the same page of this size of vectors.npy
 
 
 class CacheError(MtdError, RuntimeError):
     """A cache folder that is incomplete, corrupt, or does not match what the run needs."""
+
+
+def _alone(do: Callable[[], Any]) -> Any:
+    return do()
+
+
+@dataclass(frozen=True)
+class Processes:
+    """The processes that fill caches together: this one's rank, how many there are, and their two
+    collectives (mtd.training.distributed has them for torch.distributed; the defaults suit one
+    process). main_decides(fn): fn runs on rank 0 only, and every process returns its result or
+    raises its error. all_succeed(fn): fn runs on every process, and an error on any is raised on
+    all, so no process waits forever for one that stopped."""
+
+    rank: int = 0
+    count: int = 1
+    main_decides: Callable[[Callable[[], Any]], Any] = _alone
+    all_succeed: Callable[[Callable[[], Any]], Any] = _alone
 
 
 def cache_folder(root: Path, identity: dict[str, Any], corpus_sha256: str, rows: int) -> Path:
@@ -88,7 +126,8 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
 
 
 def _load_vectors(folder: Path, manifest: dict[str, Any]) -> np.ndarray:
-    """vectors.npy, read-only, after checking it has the manifest's shape and dtype."""
+    """vectors.npy, read-only, after checking it has the manifest's shape and dtype (and so its
+    full size: a shorter file does not map)."""
     try:
         arr = np.load(folder / VECTORS, mmap_mode="r")
     except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file
@@ -116,6 +155,20 @@ def _markers(folder: Path) -> list[Path]:
     return list((folder / CHUNKS).glob("[0-9]" * 6))
 
 
+def _pending(folder: Path, c: int) -> Path:
+    return folder / PENDING / f"{c:06d}.npy"
+
+
+def _checksums(manifest: dict[str, Any], n_chunks: int) -> list[str] | None:
+    """The checksum of every chunk, as a complete cache's manifest records them, else None (a fill
+    in progress, or a cache completed before they were recorded: the markers hold them)."""
+    sums = manifest.get("checksums")
+    if (manifest.get("complete") is True and isinstance(sums, list) and len(sums) == n_chunks
+            and all(isinstance(s, str) for s in sums)):
+        return sums
+    return None
+
+
 def _row_damage(data: np.ndarray, rows: np.ndarray) -> str | None:
     """Rows that are not finite unit vectors (unwritten NaN rows, bit rot), described, or None."""
     part = data.astype(np.float32)
@@ -125,31 +178,52 @@ def _row_damage(data: np.ndarray, rows: np.ndarray) -> str | None:
     return f"{int(bad.sum())} rows are not finite unit vectors (first: row {rows[np.flatnonzero(bad)[0]]})"
 
 
-def _chunk_problem(folder: Path, arr: np.ndarray, c: int, rows: np.ndarray, checksummed: bool) -> str | None:
-    """Why chunk c's rows can not be trusted, or None when its marker vouches for them."""
+def _chunk_data(folder: Path, arr: np.ndarray, c: int, rows: np.ndarray, pending: bool) -> np.ndarray:
+    """Chunk c's rows: from its pending file while it has one (and `pending`), else from vectors.npy."""
+    path = _pending(folder, c)
+    if not (pending and path.exists()):
+        return arr[rows]
+    data = np.load(path, mmap_mode="r")
+    if data.shape != (len(rows), arr.shape[1]) or data.dtype != np.float16:
+        expected = (len(rows), arr.shape[1])
+        raise ValueError(f"{path.name} is {data.shape} {data.dtype}, expected {expected} float16")
+    return data
+
+
+def _chunk_problem(folder: Path, arr: np.ndarray, c: int, rows: np.ndarray, checksummed: bool,
+                   recorded: str | None, pending: bool) -> str | None:
+    """Why chunk c's rows can not be trusted, or None when its checksum (`recorded`, else its
+    marker's) vouches for them."""
+    where = "the manifest" if recorded is not None else "its marker"
+    if recorded is None:
+        try:
+            recorded = _marker(folder, c).read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            return NOT_WRITTEN
+        except (OSError, ValueError) as e:
+            return f"marker unreadable ({e})"
     try:
-        recorded = _marker(folder, c).read_text(encoding="ascii").strip()
-    except FileNotFoundError:
-        return NOT_WRITTEN
-    except (OSError, ValueError) as e:
-        return f"marker unreadable ({e})"
-    data = arr[rows]
+        data = _chunk_data(folder, arr, c, rows, pending)
+    except (OSError, ValueError, EOFError) as e:
+        return f"pending rows unreadable ({e})"
     if recorded == _digest(data):
         return None
     if not recorded and not checksummed:  # a marker from before checksums: the rows must do
         return _row_damage(data, rows)
-    problem = "rows do not match the checksum in its marker" if recorded else "marker has no checksum"
+    problem = f"rows do not match the checksum in {where}" if recorded else f"{where} has no checksum"
     damage = _row_damage(data, rows)
     return f"{problem}{f'; {damage}' if damage else ''}"
 
 
 def _problems(folder: Path, arr: np.ndarray, manifest: dict[str, Any], chunks: list[np.ndarray],
-              which: Sequence[int] | None = None) -> dict[int, str]:
-    """{chunk: problem} over `which` chunks (default all): missing markers and failed checks."""
+              which: Sequence[int] | None = None, pending: bool = True) -> dict[int, str]:
+    """{chunk: problem} over `which` chunks (default all): missing markers and failed checks.
+    pending: a chunk with a pending file is checked there (False: in vectors.npy)."""
     checksummed = manifest.get("checksum") == CHECKSUM
+    sums = _checksums(manifest, len(chunks))
     found = {}
     for c in range(len(chunks)) if which is None else which:
-        problem = _chunk_problem(folder, arr, c, chunks[c], checksummed)
+        problem = _chunk_problem(folder, arr, c, chunks[c], checksummed, sums and sums[c], pending)
         if problem is not None:
             found[c] = problem
     return found
@@ -163,7 +237,7 @@ def _describe(problems: dict[int, str], n_chunks: int) -> str:
 
 def open_cache(folder: str | Path, texts: Sequence[str]) -> np.ndarray:
     """The (N, D) float16 memmap of a finished cache of `texts`, after checking it end to end:
-    manifest, corpus fingerprint, shape, and every chunk against the checksum in its marker."""
+    manifest, corpus fingerprint, shape, and every chunk against its checksum."""
     folder = Path(folder)
     manifest = _read_manifest(folder)
     other = "Pass the texts it was built from, or build a cache for these with build_teacher_cache."
@@ -178,8 +252,9 @@ def open_cache(folder: str | Path, texts: Sequence[str]) -> np.ndarray:
     chunks = _chunk_rows(length_order(texts), manifest["chunk_size"])
     problems = _problems(folder, arr, manifest, chunks)
     if problems:
-        raise _fail(folder, _describe(problems, len(chunks)), "Run build_teacher_cache (what train.py "
-                    "runs) again: it re-encodes just those chunks and keeps the others.")
+        raise _fail(folder, _describe(problems, len(chunks)), "Run `python -m mtd.cache CONFIG "
+                    "--verify` (or build_teacher_cache with verify=True): it re-encodes just those "
+                    "chunks and keeps the others.")
     return arr
 
 
@@ -210,7 +285,7 @@ def _check_writable(root: Path, folder: Path) -> None:
     path = root
     try:
         root.mkdir(parents=True, exist_ok=True)
-        for path in (root, folder, folder / CHUNKS):
+        for path in (root, folder, folder / CHUNKS, folder / PENDING):
             if path.is_dir():
                 tempfile.TemporaryFile(dir=path).close()
         path = folder / VECTORS
@@ -245,15 +320,17 @@ def _size(n: int) -> str:
 
 
 def _check_free_space(folder: Path, rows: int, dim: int) -> None:
-    """A full disk must stop the fill now, with the numbers, not hours later."""
-    needed = rows * dim * np.dtype(np.float16).itemsize + 4096  # + header, manifest, markers
+    """A full disk must stop the fill now, with the numbers, not hours later. The rows take their
+    room twice until the end: in vectors.npy and in the pending files."""
+    needed = 2 * rows * dim * np.dtype(np.float16).itemsize + 4096  # + header, manifest, markers
     old = folder / VECTORS  # a placeholder left by a killed start is overwritten
     free = shutil.disk_usage(folder.parent).free + (old.stat().st_size if old.exists() else 0)
     if needed > free:
         raise CacheError(
-            f"Target cache {folder}: {rows} x {dim} float16 vectors need {_size(needed)}, but only "
-            f"{_size(free)} are free on that disk. Free space there, or set cache_dir to a folder on "
-            "a disk with room (e.g. cache_dir=/other/disk/cache)."
+            f"Target cache {folder}: {rows} x {dim} float16 vectors need {_size(needed)} while they "
+            f"are written (twice their size, until the end), but only {_size(free)} are free on "
+            "that disk. Free space there, or set cache_dir to a folder on a disk with room "
+            "(e.g. cache_dir=/other/disk/cache)."
         )
 
 
@@ -275,15 +352,6 @@ def _allocate(path: Path, rows: int, dim: int, block_bytes: int = 1 << 24) -> No
         raise
 
 
-def _start(folder: Path, manifest: dict[str, Any]) -> None:
-    """Rank 0, no fill started: the NaN-filled array, then the manifest that makes it a fill."""
-    _check_free_space(folder, manifest["rows"], manifest["dim"])
-    (folder / CHUNKS).mkdir(parents=True, exist_ok=True)
-    with _explained(folder, f"allocating {VECTORS}", folder / VECTORS):
-        _allocate(folder / VECTORS, manifest["rows"], manifest["dim"])
-    atomic_write_json(folder / MANIFEST, manifest)
-
-
 def length_order(texts: Sequence[str]) -> np.ndarray:
     """Longest first (stable): chunk c holds rows order[c*chunk:(c+1)*chunk].
 
@@ -291,6 +359,98 @@ def length_order(texts: Sequence[str]) -> np.ndarray:
     (which sorts by length itself); the order is a pure function of the texts, so resumes agree.
     """
     return np.argsort([-len(t) for t in texts], kind="stable")
+
+
+def placement_ranges(offset: int, rows: int, row_bytes: int, count: int) -> list[tuple[int, int]]:
+    """The byte range [start, end) of the rows of a file (they start at `offset`) that each of
+    `count` processes writes: contiguous, covering the rows, and cut at multiples of PAGE, so no
+    two processes write into the same page. A range may be empty (start >= end)."""
+    start, end = offset, offset + rows * row_bytes
+    first, last = start // PAGE, -(-end // PAGE)
+    cuts = [first + (last - first) * r // count for r in range(count + 1)]
+    return [(max(start, a * PAGE), min(end, b * PAGE)) for a, b in zip(cuts, cuts[1:], strict=False)]
+
+
+@dataclass
+class _Plan:
+    """What the main process found: the fill to do, or nothing (done)."""
+
+    folder: Path
+    done: bool = False
+    expected: dict[str, Any] = field(default_factory=dict)  # the manifest fields that name the cache
+    manifest: dict[str, Any] | None = None  # None: no fill started (it starts when the teacher gives its dim)
+    encode: list[int] = field(default_factory=list)  # chunks to encode
+    place: list[int] = field(default_factory=list)  # encoded chunks whose rows wait in pending files
+
+
+def _plan(cfg: TeacherConfig, texts: Sequence[str], root: Path, chunk_size: int, verify: bool) -> _Plan:
+    """Main process: which chunks to encode and place. Reads rows only when asked to verify, or
+    on the resume of an unfinished fill; then every chunk is checked."""
+    identity = teachers.teacher_identity(cfg, teachers.teacher_folder(cfg), hash_memo=root / HASH_MEMO)
+    identity = json.loads(json.dumps(identity))  # as stored
+    corpus_sha = hash_texts(texts)
+    folder = cache_folder(root, identity, corpus_sha, len(texts))
+    expected = {"version": CACHE_VERSION, "teacher": identity, "corpus_sha256": corpus_sha,
+                "rows": len(texts)}
+    manifest = _existing_manifest(folder, expected)
+    plan = _Plan(folder, expected=expected, manifest=manifest)
+    if manifest is None:
+        _check_writable(root, folder)
+        plan.encode = list(range(-(-len(texts) // chunk_size)))
+        return plan
+    arr = _load_vectors(folder, manifest)
+    n_chunks = -(-len(texts) // manifest["chunk_size"])  # a fill keeps its chunking
+    if manifest.get("complete") is True and _checksums(manifest, n_chunks) is not None and not verify:
+        return _Plan(folder, done=True)  # sizes and manifest only: the fast start
+    chunks = _chunk_rows(length_order(texts), manifest["chunk_size"])
+    if manifest.get("complete") is True:
+        problems = _problems(folder, arr, manifest, chunks)
+        if not problems:
+            if _checksums(manifest, len(chunks)) is None:  # completed before checksums were recorded
+                try:
+                    atomic_write_json(folder / MANIFEST, _completed(folder, manifest, arr, chunks))
+                except OSError as e:  # e.g. a read-only cache_dir: they are checked again next time
+                    logger.info("Target cache %s: could not record its checksums (%s).", folder, e)
+            return _Plan(folder, done=True)
+        logger.warning("Target cache %s is finished but %s; encoding just those again (the other "
+                       "chunks are kept).", folder, _describe(problems, len(chunks)))
+        _check_writable(root, folder)
+        plan.manifest = {k: v for k, v in manifest.items() if k != "checksums"} | {"complete": False}
+        atomic_write_json(folder / MANIFEST, plan.manifest)  # a repair cut short resumes as a fill
+        plan.encode = sorted(problems)
+        return plan
+    _check_writable(root, folder)
+    logger.info("Resuming target cache %s: checking every finished chunk.", folder)
+    problems = _problems(folder, arr, manifest, chunks)
+    for c, problem in problems.items():
+        if problem != NOT_WRITTEN:
+            logger.warning("Target cache %s: chunk %d fails verification (%s); encoding it again "
+                           "(the other chunks are kept).", folder, c, problem)
+    plan.encode = sorted(problems)
+    plan.place = [c for c in range(len(chunks)) if c not in problems and _pending(folder, c).exists()]
+    if not plan.encode and not plan.place:  # stopped after placing every chunk
+        _finish(folder, manifest, chunks, [])
+        return _Plan(folder, done=True)
+    return plan
+
+
+def _start(plan: _Plan, dim: int, chunk_size: int) -> dict[str, Any]:
+    """Main process, the teacher loaded: the fill's manifest; a new fill gets its NaN-filled
+    vectors.npy first, then the manifest that makes it a fill."""
+    folder, manifest = plan.folder, plan.manifest
+    if manifest is not None:
+        if manifest["dim"] != dim:
+            raise _fail(folder, f"{MANIFEST} says dim {manifest['dim']}, teacher "
+                        f"{plan.expected['teacher']['name']} gives {dim}")
+        return manifest
+    manifest = plan.expected | {"dim": dim, "chunk_size": chunk_size, "normalized": True,
+                                "checksum": CHECKSUM, "rows_written": 0, "complete": False}
+    _check_free_space(folder, manifest["rows"], dim)
+    (folder / CHUNKS).mkdir(parents=True, exist_ok=True)
+    with _explained(folder, f"allocating {VECTORS}", folder / VECTORS):
+        _allocate(folder / VECTORS, manifest["rows"], dim)
+    atomic_write_json(folder / MANIFEST, manifest)
+    return manifest
 
 
 def _encode_checked(model, cfg: TeacherConfig, texts: list[str], rows: np.ndarray, dim: int):
@@ -310,81 +470,84 @@ def _encode_checked(model, cfg: TeacherConfig, texts: list[str], rows: np.ndarra
     return (vecs / norms).astype(np.float16)
 
 
-def _write_rows(path: Path, offset: int, rows: np.ndarray, data: np.ndarray) -> None:
-    """Row i of `data` to row rows[i] of the .npy at `path`, on disk when this returns.
-
-    Plain writes, not the memmap: a full disk raises ENOSPC here instead of SIGBUS later."""
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        for row, vec in zip(rows, data, strict=True):
-            view, pos = memoryview(vec).cast("B"), 0
-            while pos < len(view):
-                pos += os.pwrite(fd, view[pos:], offset + int(row) * len(view) + pos)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _todo(folder: Path, arr: np.ndarray, manifest: dict[str, Any], chunks: list[np.ndarray],
-          mine: range) -> list[int]:
-    """This rank's chunks to encode: unwritten ones, and (loudly) those whose marker is not borne
-    out by their rows, which are encoded again alone."""
-    problems = _problems(folder, arr, manifest, chunks, mine)
-    for c, problem in problems.items():
-        if problem != NOT_WRITTEN:
-            logger.warning("Target cache %s: chunk %d fails verification (%s); encoding it again "
-                           "(the other chunks are kept).", folder, c, problem)
-    return list(problems)
-
-
-def _fill_chunks(model, cfg: TeacherConfig, texts: Sequence[str], folder: Path,
-                 manifest: dict[str, Any], rank: int, world: int) -> None:
-    arr = np.load(folder / VECTORS, mmap_mode="r")
-    order = length_order(texts)
-    chunk = manifest["chunk_size"]  # a resumed fill keeps its chunking
-    chunks = _chunk_rows(order, chunk)
-    todo = _todo(folder, arr, manifest, chunks, range(rank, len(chunks), world))
-    bar = tqdm(total=sum(len(chunks[c]) for c in todo), desc=f"teacher {cfg.name}", unit="text",
-               disable=rank != 0)
-    for c in todo:
-        in_length_order = order[c * chunk : (c + 1) * chunk]  # similar lengths batch together
+def _encode_share(model, cfg: TeacherConfig, texts: Sequence[str], folder: Path, manifest: dict[str, Any],
+                  order: np.ndarray, mine: list[int], show: bool) -> None:
+    """This process's chunks, each encoded into its pending file, then marked with its checksum."""
+    chunk = manifest["chunk_size"]
+    parts = [order[c * chunk : (c + 1) * chunk] for c in mine]  # similar lengths batch together
+    bar = tqdm(total=sum(map(len, parts)), desc=f"teacher {cfg.name}", unit="text", disable=not show)
+    for c, in_length_order in zip(mine, parts, strict=True):
         vecs = _encode_checked(model, cfg, [texts[i] for i in in_length_order], in_length_order,
-                               arr.shape[1])
-        data = vecs[np.argsort(in_length_order)]  # rows ascending, as chunks[c]
-        with _explained(folder, f"writing chunk {c}", folder):
-            _write_rows(folder / VECTORS, arr.offset, chunks[c], data)
+                               manifest["dim"])
+        data = vecs[np.argsort(in_length_order)]  # rows ascending, as in vectors.npy
+        with _explained(folder, f"writing chunk {c}", _pending(folder, c)):
+            atomic_save_npy(_pending(folder, c), data)
             atomic_write_text(_marker(folder, c), _digest(data) + "\n")  # after the rows are on disk
         bar.update(len(data))
     bar.close()
 
 
-def _finish(folder: Path, texts: Sequence[str]) -> None:
-    """Rank 0, all ranks' chunks written: check every chunk, then mark the cache complete."""
-    manifest = _read_manifest(folder)
-    chunks = _chunk_rows(length_order(texts), manifest["chunk_size"])
-    problems = _problems(folder, _load_vectors(folder, manifest), manifest, chunks)
+def _place_share(folder: Path, chunks: list[np.ndarray], placing: list[int], rank: int, count: int) -> None:
+    """The rows of the `placing` chunks, from their pending files into vectors.npy: of each row,
+    just the bytes inside this process's part (placement_ranges). Plain writes, not the memmap: a
+    full disk raises ENOSPC here instead of SIGBUS later; on disk when this returns."""
+    path = folder / VECTORS
+    arr = np.load(path, mmap_mode="r")
+    row_bytes = arr.shape[1] * arr.itemsize
+    lo, hi = placement_ranges(arr.offset, len(arr), row_bytes, count)[rank]
+    if lo >= hi or not placing:
+        return
+    first, last = (lo - arr.offset) // row_bytes, -(-(hi - arr.offset) // row_bytes)
+    with _explained(folder, f"placing rows in {VECTORS}", path):
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            for c in placing:
+                rows = chunks[c]
+                s, e = np.searchsorted(rows, (first, last))
+                if s == e:
+                    continue
+                try:
+                    data = np.array(np.load(_pending(folder, c), mmap_mode="r")[s:e])  # mapping closed
+                except FileNotFoundError:  # not encoded: _finish names it
+                    continue
+                for row, vec in zip(rows[s:e], data, strict=True):
+                    start = arr.offset + int(row) * row_bytes
+                    a, b = max(lo, start), min(hi, start + row_bytes)
+                    view, pos = memoryview(vec).cast("B")[a - start : b - start], 0
+                    while pos < len(view):
+                        pos += os.pwrite(fd, view[pos:], a + pos)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _completed(folder: Path, manifest: dict[str, Any], arr: np.ndarray, chunks: list[np.ndarray]) -> dict:
+    """The manifest marked complete, with every chunk's checksum (its marker's, or for a marker
+    from before checksums, its rows'), which later starts trust without reading a row."""
+    sums = []
+    for c, rows in enumerate(chunks):
+        recorded = _marker(folder, c).read_text(encoding="ascii").strip()
+        sums.append(recorded or _digest(arr[rows]))
+    return manifest | {"rows_written": manifest["rows"], "complete": True, "checksum": CHECKSUM,
+                       "checksums": sums}
+
+
+def _finish(folder: Path, manifest: dict[str, Any], chunks: list[np.ndarray], placed: list[int]) -> None:
+    """Main process, every process's chunks placed: the placed rows checked in vectors.npy, the
+    pending files removed, the cache marked complete."""
+    arr = _load_vectors(folder, manifest)
+    problems = _problems(folder, arr, manifest, chunks, placed, pending=False)
     unwritten = sum(p == NOT_WRITTEN for p in problems.values())
     if unwritten:
-        raise _fail(folder, f"only {len(chunks) - unwritten} chunks finished",
-                    "Run every rank (world_size processes) to fill the rest; finished chunks are kept.")
+        raise _fail(folder, f"{unwritten} chunks were not encoded",
+                    "Run every process (as many as the fill was started with) to fill the rest; "
+                    "finished chunks are kept.")
     if problems:
         raise _fail(folder, _describe(problems, len(chunks)),
                     "Run the same command again: it re-encodes just those chunks.")
-    manifest.update(rows_written=len(texts), complete=True)
-    atomic_write_json(folder / MANIFEST, manifest)
-
-
-def _verified_complete(folder: Path, manifest: dict[str, Any] | None, texts: Sequence[str]) -> bool:
-    """Whether a finished cache can be reused as it is; damaged chunks are logged (and then
-    re-encoded by the caller)."""
-    if manifest is None or manifest.get("complete") is not True:
-        return False
-    chunks = _chunk_rows(length_order(texts), manifest["chunk_size"])
-    problems = _problems(folder, _load_vectors(folder, manifest), manifest, chunks)
-    if problems:
-        logger.warning("Target cache %s is finished but %s; encoding just those again.",
-                       folder, _describe(problems, len(chunks)))
-    return not problems
+    for c in placed:
+        _pending(folder, c).unlink(missing_ok=True)
+    atomic_write_json(folder / MANIFEST, _completed(folder, manifest, arr, chunks))
 
 
 def build_teacher_cache(
@@ -393,47 +556,46 @@ def build_teacher_cache(
     root: str | Path,
     *,
     chunk_size: int = 1024,
-    rank: int = 0,
-    world_size: int = 1,
-    barrier: Callable[[], None] = lambda: None,
+    processes: Processes = Processes(),
     device: str | None = None,
+    verify: bool = False,
+    fill_hint: str = "",
 ) -> Path:
-    """Fill (or reuse, resume or repair) this teacher's cache for `texts`; returns the folder,
-    every chunk of it checked against its checksum.
+    """Fill (or reuse, resume or repair) this teacher's cache for `texts`; returns the folder.
 
-    Every process must call this (collectively, same arguments but rank). `barrier` synchronizes
-    them; its default suits a single process.
+    Every process calls this with the same arguments but `processes` (see Processes and the module
+    docstring). A complete cache is reused from its manifest alone; verify=True checks every chunk
+    against its checksum first, and re-encodes the chunks that fail. fill_hint: said (as a
+    warning) when the cache has to be filled.
     """
     if not texts:
         raise CacheError("Cannot build a target cache for an empty corpus.")
     root = Path(root)
-    model_folder = teachers.teacher_folder(cfg)
-    identity = json.loads(json.dumps(teachers.teacher_identity(cfg, model_folder)))  # as stored
-    corpus_sha = hash_texts(texts)
-    folder = cache_folder(root, identity, corpus_sha, len(texts))
-    expected = {"version": CACHE_VERSION, "teacher": identity, "corpus_sha256": corpus_sha,
-                "rows": len(texts)}
-    manifest = _existing_manifest(folder, expected)
-    if _verified_complete(folder, manifest, texts):
+    plan = processes.main_decides(lambda: _plan(cfg, texts, root, chunk_size, verify))
+    folder = plan.folder
+    if plan.done:
         logger.info("Teacher %s: reusing target cache %s", cfg.name, folder)
         return folder
-    _check_writable(root, folder)
-    logger.info("Teacher %s: encoding %d texts into %s", cfg.name, len(texts), folder)
-    model = teachers.load_teacher(cfg, model_folder, device=device)
-    dim = teachers.embedding_dim(model)
-    if manifest is not None and manifest["dim"] != dim:
-        raise _fail(folder, f"{MANIFEST} says dim {manifest['dim']}, teacher {cfg.name} gives {dim}")
-    if manifest is not None:
-        logger.info("Resuming target cache %s.", folder)
-    elif rank == 0:
-        _start(folder, expected | {"dim": dim, "chunk_size": chunk_size, "normalized": True,
-                                   "checksum": CHECKSUM, "rows_written": 0, "complete": False})
-    barrier()
-    _fill_chunks(model, cfg, texts, folder, _read_manifest(folder), rank, world_size)
-    barrier()
-    if rank == 0:
-        _finish(folder, texts)
-    barrier()
+    order = length_order(texts)
+    manifest = plan.manifest
+    if plan.encode:
+        size = manifest["chunk_size"] if manifest else chunk_size
+        n = sum(len(order[c * size : (c + 1) * size]) for c in plan.encode)
+        logger.log(logging.WARNING if fill_hint else logging.INFO, "Teacher %s: encoding %d texts "
+                   "into %s.%s", cfg.name, n, folder, f" {fill_hint}" if fill_hint else "")
+        # each process finds the folder itself: a hub download may sit in a cache of its own node
+        model = processes.all_succeed(lambda: teachers.load_teacher(cfg, teachers.teacher_folder(cfg),
+                                                                     device=device))
+        dim = teachers.embedding_dim(model)
+        manifest = processes.main_decides(lambda: _start(plan, dim, chunk_size))
+        mine = plan.encode[processes.rank :: processes.count]
+        processes.all_succeed(lambda: _encode_share(model, cfg, texts, folder, manifest, order, mine,
+                                                    show=processes.rank == 0))
+        del model
+    chunks = _chunk_rows(order, manifest["chunk_size"])
+    placing = sorted({*plan.encode, *plan.place})
+    processes.all_succeed(lambda: _place_share(folder, chunks, placing, processes.rank, processes.count))
+    processes.main_decides(lambda: _finish(folder, manifest, chunks, placing))
     return folder
 
 
@@ -443,9 +605,10 @@ def cached_targets(
     root: str | Path,
     **kwargs: Any,
 ) -> list[np.ndarray]:
-    """One verified (N, D_k) float16 memmap per teacher, building caches that are missing."""
+    """One (N, D_k) float16 memmap per teacher, building caches that are missing (see
+    build_teacher_cache for the arguments)."""
     arrays = []
     for cfg in teacher_cfgs:
-        folder = build_teacher_cache(cfg, texts, root, **kwargs)  # checks every chunk
+        folder = build_teacher_cache(cfg, texts, root, **kwargs)
         arrays.append(np.load(folder / VECTORS, mmap_mode="r"))
     return arrays

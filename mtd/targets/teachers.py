@@ -48,12 +48,15 @@ def pooling_of(folder: Path, configured: str) -> str:
     return "none"
 
 
-def teacher_identity(cfg: TeacherConfig, folder: Path) -> dict[str, Any]:
-    """Everything that changes this teacher's vectors; part of the target cache key."""
+def teacher_identity(cfg: TeacherConfig, folder: Path, hash_memo: Path | None = None) -> dict[str, Any]:
+    """Everything that changes this teacher's vectors; part of the target cache key.
+
+    hash_memo: where the weights' hash is remembered while the files keep their size and mtime
+    (see mtd.io.hash_folder), so a start does not read every weight file again."""
     return {
         "name": cfg.name,
         "path": cfg.path,
-        "weights_sha256": hash_folder(folder),
+        "weights_sha256": hash_folder(folder, hash_memo),
         "pooling": pooling_of(folder, cfg.pooling),
         "prompt": cfg.prompt,
         "max_length": cfg.max_length,

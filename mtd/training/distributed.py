@@ -55,3 +55,26 @@ def main_decides(decide: Callable[[], T]) -> T:
     if answer[1] is not None:
         raise MtdError(f"The main process stopped: {answer[1]}")
     return answer[0]
+
+
+def all_succeed(do: Callable[[], T]) -> T:
+    """do() on every process, then an exchange of how it went: where it raised (an MtdError or an
+    environment OSError) on any process, every process raises, so none waits forever in the next
+    collective for a process that has stopped. The failed process re-raises its own error, the
+    others an MtdError naming it."""
+    if world_size() == 1:
+        return do()
+    failure, result = None, None
+    try:
+        result = do()
+    except (MtdError, OSError) as e:
+        failure = e
+    said: list = [None] * world_size()
+    dist.all_gather_object(said, None if failure is None else str(failure))
+    if failure is not None:
+        raise failure
+    stopped = [(rank, message) for rank, message in enumerate(said) if message is not None]
+    if stopped:
+        rank, message = stopped[0]
+        raise MtdError(f"Process {rank} stopped: {message}")
+    return result

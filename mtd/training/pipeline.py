@@ -47,7 +47,7 @@ from mtd.training.checkpoints import (
     latest_checkpoint,
     resolve_resume,
 )
-from mtd.training.distributed import main_decides
+from mtd.training.distributed import all_succeed, main_decides
 from mtd.training.trainer import (
     CHECKPOINT_FIX,
     StageData,
@@ -133,14 +133,19 @@ def _prepare_run(cfg: RunConfig, resume: bool) -> tuple[Accelerator, Checkpoint 
     if resume and has_checkpoints(run_dir):
         main_decides(lambda: check_saved_config(run_dir / "config.yaml", cfg))
         found = resolve_resume(run_dir)
+    _make_assets(cfg, accelerator)
+    if cfg.train.report_to:
+        accelerator.init_trackers(cfg.name, config={"config": dump_config(cfg)})
+    return accelerator, found
+
+
+def _make_assets(cfg: RunConfig, accelerator: Accelerator) -> None:
+    """The synthetic teachers, corpus and images of a tiny config, built by the main process."""
     if accelerator.is_main_process and cfg.synthetic_assets:
         make_tiny_assets(cfg.synthetic_assets)
         if any(s.data == "images" for s in cfg.stages):
             make_tiny_image_assets(Path(cfg.synthetic_assets) / "images")
     accelerator.wait_for_everyone()
-    if cfg.train.report_to:
-        accelerator.init_trackers(cfg.name, config={"config": dump_config(cfg)})
-    return accelerator, found
 
 
 def data_fingerprint(cfg: RunConfig, corpus: Corpus, pairs: images.ImageCaptions | None) -> dict:
@@ -165,11 +170,21 @@ def _start_run(cfg: RunConfig, found: Checkpoint | None) -> None:
     atomic_write_text(cfg.run_dir / "config.yaml", dump_config(cfg))
 
 
-def _teacher_arrays(cfg: RunConfig, texts: list[str], accelerator) -> list[np.ndarray]:
+FILL_HINT = ("At scale, fill the target caches before training with `python -m mtd.cache CONFIG` "
+             "(under `accelerate launch`, sharded over the processes): the run then starts at "
+             "once, instead of holding every training process while teachers encode and the main "
+             "process checks their vectors.")
+
+
+def _teacher_arrays(cfg: RunConfig, texts: list[str], accelerator, verify: bool = False,
+                    fill_hint: str = FILL_HINT) -> list[np.ndarray]:
+    """Every teacher's targets for `texts`, from its cache (filled, sharded over the processes,
+    when it is missing or unfinished)."""
+    processes = cache.Processes(accelerator.process_index, accelerator.num_processes, main_decides,
+                                all_succeed)
     return cache.cached_targets(
-        cfg.teachers, texts, cfg.cache_dir, chunk_size=cfg.cache_chunk_size,
-        rank=accelerator.process_index, world_size=accelerator.num_processes,
-        barrier=accelerator.wait_for_everyone, device=str(accelerator.device),
+        cfg.teachers, texts, cfg.cache_dir, chunk_size=cfg.cache_chunk_size, processes=processes,
+        device=str(accelerator.device), verify=verify, fill_hint=fill_hint,
     )
 
 
@@ -187,12 +202,16 @@ def load_image_captions(cfg: RunConfig) -> images.ImageCaptions:
     return images.keep_decodable(data)
 
 
+def captions_need_teachers(cfg: RunConfig) -> bool:
+    """Whether an image stage learns teacher targets of the captions (not the student's own)."""
+    return any(s.data == "images" and s.targets.get(h, "teacher") == "teacher"
+               for s in cfg.stages for h in s.heads)
+
+
 def _caption_targets(cfg: RunConfig, pairs: images.ImageCaptions, accelerator) -> np.ndarray | None:
     """(N_captions, D_target) multi-teacher targets of the captions, if an image stage learns them:
     the captions go through the target cache like any corpus."""
-    wanted = any(s.data == "images" and s.targets.get(h, "teacher") == "teacher"
-                 for s in cfg.stages for h in s.heads)
-    if not wanted:
+    if not captions_need_teachers(cfg):
         return None
     arrays = _teacher_arrays(cfg, pairs.captions, accelerator)
     return multi_teacher_target(arrays, [t.weight for t in cfg.teachers]).numpy()
@@ -263,6 +282,31 @@ def length_mismatches(cfg: RunConfig) -> list[str]:
             f"{student} (student.max_length): texts longer than the shorter limit are cut for one "
             "side only. Set both to the same value unless that is what you want."
             for i, t in enumerate(cfg.teachers) if t.max_length is not None and t.max_length != student]
+
+
+def fill_target_caches(cfg: RunConfig, verify: bool = False) -> None:
+    """What `python -m mtd.cache` runs: every target cache a run of `cfg` reads (its corpus, and
+    the image captions when an image stage learns teacher targets), filled by the launched
+    processes together, and nothing else. verify: check every chunk of a complete cache against
+    its checksum too, encoding again those that fail."""
+    text_stages = any(s.data == "text" for s in cfg.stages)
+    if not cfg.teachers or not (text_stages or captions_need_teachers(cfg)):
+        raise cache.CacheError(f"Config {cfg.name!r} reads no teacher targets (it has no teachers, or "
+                               "no text stage and no image stage with teacher targets), so there is "
+                               "no target cache to fill: train it directly with train.py.")
+    accelerator = make_accelerator(cfg.train, cfg.run_dir)
+    _make_assets(cfg, accelerator)
+    check_model_paths(cfg)
+    if text_stages:
+        texts = load_corpus(cfg).texts
+        logger.info("Target caches of the corpus: %d texts, %d processes.", len(texts),
+                    accelerator.num_processes)
+        _teacher_arrays(cfg, texts, accelerator, verify=verify, fill_hint="")
+    if captions_need_teachers(cfg):
+        captions = load_image_captions(cfg).captions
+        logger.info("Target caches of the image captions: %d captions, %d processes.", len(captions),
+                    accelerator.num_processes)
+        _teacher_arrays(cfg, captions, accelerator, verify=verify, fill_hint="")
 
 
 def run(cfg: RunConfig, resume: bool = False) -> Path:

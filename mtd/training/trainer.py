@@ -21,13 +21,14 @@ import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import parse_flag_from_env, set_seed
+from accelerate.utils import InitProcessGroupKwargs, parse_flag_from_env, set_seed
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -392,8 +393,11 @@ def make_accelerator(tcfg: TrainConfig, run_dir: Path) -> Accelerator:
     # step_scheduler_with_optimizer=False: the scheduler counts global optimizer steps (batch sizes
     # are global); Accelerate's default steps it once per process per step, so 2 processes ran
     # the cosine schedule twice as fast (lr 0 halfway through a stage, then rising again).
+    # The timeout applies to every collective of the process group (it is set up here, first).
+    timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=tcfg.timeout_minutes))
     accelerator = Accelerator(mixed_precision=tcfg.mixed_precision, log_with=tcfg.report_to,
-                              project_dir=str(run_dir), step_scheduler_with_optimizer=False)
+                              project_dir=str(run_dir), step_scheduler_with_optimizer=False,
+                              kwargs_handlers=[timeout])
     if world_size() != accelerator.num_processes:
         # e.g. `accelerate launch --multi_gpu` on a machine without GPUs: torch.distributed is up,
         # but Accelerate runs every process as a lone main process (each would write the run).
