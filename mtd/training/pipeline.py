@@ -49,6 +49,7 @@ from mtd.training.distributed import main_decides
 from mtd.training.trainer import (
     CHECKPOINT_FIX,
     StageData,
+    check_backend,
     check_run_dir,
     collate_texts,
     make_accelerator,
@@ -124,6 +125,7 @@ def _prepare_run(cfg: RunConfig, resume: bool) -> tuple[Accelerator, Checkpoint 
     run_dir = cfg.run_dir
     check_run_dir(run_dir, resume)
     accelerator = make_accelerator(cfg.train, run_dir)
+    check_backend(accelerator, cfg.stages)
     main_decides(lambda: _check_output_folders(run_dir))
     found = None
     if resume and has_checkpoints(run_dir):
