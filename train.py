@@ -1,7 +1,9 @@
 """Train a student from a config: `python train.py CONFIG [key=value ...] [--resume]`.
 
 Also under Accelerate: `accelerate launch train.py CONFIG ...` (any number of processes; the
-config's batch sizes are global). Overrides are dotted and typed: `train.seed=1 stages.0.lr=3e-4`.
+config's batch sizes are global), with FSDP or DeepSpeed through `--config_file
+configs/accelerate/fsdp.yaml` (or deepspeed-zero2.yaml, deepspeed-zero3.yaml). Overrides are
+dotted and typed: `train.seed=1 stages.0.lr=3e-4`.
 """
 
 from __future__ import annotations

@@ -79,15 +79,18 @@ def _free_port() -> int:
 
 
 def launch_two_processes(script: str | Path, *args: str, use_cpu: bool = True,
+                         backend: tuple[str, ...] = ("--multi_gpu",),
                          timeout: int = 540) -> subprocess.CompletedProcess:
     """`python SCRIPT ARGS` in 2 CPU processes (gloo). `accelerate launch --cpu --num_processes 2`
     is not it: without mpirun it starts ONE process. Torchrun under Accelerate (--multi_gpu) with
-    ACCELERATE_USE_CPU=1 is (use_cpu=False leaves it out, to test that mistake)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    ACCELERATE_USE_CPU=1 is (use_cpu=False leaves it out, to test that mistake). backend: the
+    launch's options that choose it (e.g. --config_file configs/accelerate/fsdp.yaml)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
     env.pop("ACCELERATE_USE_CPU", None)
     if use_cpu:
         env["ACCELERATE_USE_CPU"] = "1"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *backend, "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()), str(script), *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

@@ -307,3 +307,20 @@ def test_no_weight_decay_on_biases_and_norm_weights():
             if p.requires_grad and (n.endswith("bias") or "LayerNorm" in n)}
     assert {names[id(p)] for p in no_decay["params"]} == flat
     assert "heads.fc1.weight" in {names[id(p)] for p in decay["params"]}
+
+
+def test_weight_decay_follows_the_shapes_recorded_before_sharding():
+    """FSDP flattens every parameter into a 1-d shard (ZeRO-3 empties them): weight decay must
+    still skip exactly the biases and norm weights, as recorded before the wrapping."""
+    from mtd.training.trainer import PreparedStudent, make_optimizer
+
+    student = tiny_student()
+    set_trainable(student, "all", ["fc1"])
+    expected = make_optimizer(student, 1e-3, 0.01).param_groups
+    prepared = PreparedStudent(None, student)
+    for p in student.parameters():
+        p.data = p.data.reshape(-1)  # as FSDP's flat shards
+    groups = make_optimizer(student, 1e-3, 0.01, prepared.matrices).param_groups
+    for got, want in zip(groups, expected, strict=True):
+        assert [id(p) for p in got["params"]] == [id(p) for p in want["params"]]
+        assert got["weight_decay"] == want["weight_decay"]

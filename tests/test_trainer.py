@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from accelerate.utils import DistributedType
 from gradprobe import launch_two_processes
 from safetensors.torch import load_file
 
 import mtd.losses.objective
-from mtd.config import dump_config, load_config
+from mtd.config import ConfigError, dump_config, load_config
 from mtd.models.student import encode, load_student
-from mtd.training import pipeline
+from mtd.training import pipeline, trainer
 from mtd.training.trainer import NonFiniteLossError, latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -371,9 +374,10 @@ def test_resim_sampled_mode(config):
 # Two processes
 
 
-def _launch(yaml_path: Path, *args: str, use_cpu: bool = True) -> subprocess.CompletedProcess:
+def _launch(yaml_path: Path, *args: str, use_cpu: bool = True, script: Path = ROOT / "train.py",
+            backend: tuple[str, ...] = ("--multi_gpu",)) -> subprocess.CompletedProcess:
     """train.py in two CPU processes (see gradprobe.launch_two_processes)."""
-    return launch_two_processes(ROOT / "train.py", str(yaml_path), *args, use_cpu=use_cpu)
+    return launch_two_processes(script, str(yaml_path), *args, use_cpu=use_cpu, backend=backend)
 
 
 @pytest.mark.multiprocess
@@ -471,3 +475,114 @@ def test_heads_only_stage_trains_on_frozen_features_computed_once(config, monkey
     assert_same_rows(train_rows(read_log(a)), train_rows(read_log(b)), rel=1e-4)
     assert_same_rows(dev_rows(read_log(a)), dev_rows(read_log(b)), rel=1e-4)
     assert_same_function(a, b, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# FSDP and DeepSpeed
+
+ACCUM = ("train.grad_accum=2", *(f"stages.{i}.batch_size=16" for i in range(3)))
+BACKENDS = {
+    # name: (script, accelerate config, ACCELERATE_USE_CPU, a file only that backend's mid-stage
+    # checkpoints hold)
+    "fsdp": (ROOT / "tests" / "fsdp_on_cpu.py", "fsdp.yaml", True, "pytorch_model_fsdp_0/__1_0.distcp"),
+    "deepspeed-zero2": (ROOT / "train.py", "deepspeed-zero2.yaml", False,
+                        "pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt"),
+    "deepspeed-zero3": (ROOT / "train.py", "deepspeed-zero3.yaml", False,
+                        "pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt"),
+}
+NO_DEEPSPEED = importlib.util.find_spec("deepspeed") is None
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("backend", [
+    "fsdp",
+    *(pytest.param(name, marks=pytest.mark.skipif(NO_DEEPSPEED, reason="deepspeed is not installed"))
+      for name in ("deepspeed-zero2", "deepspeed-zero3")),
+])
+def test_sharded_backend_on_two_processes_trains_like_one(config, tmp_path, backend):
+    """FSDP or DeepSpeed in 2 CPU processes, with configs/accelerate/'s launch config, stopped in
+    stage 2 and resumed: the run trains like 1 process uninterrupted. Every stage freezes another
+    part (heads, last:1, all) and accumulates 2 batches per optimizer step, so a backend that
+    stepped every batch, missed a newly trainable part, or lost the optimizer's moments on resume
+    would end elsewhere. FSDP runs through tests/fsdp_on_cpu.py (Accelerate selects FSDP only on
+    GPUs); DeepSpeed on its CPU accelerator."""
+    script, launch_config, use_cpu, shard_file = BACKENDS[backend]
+    one = pipeline.run(config("name=one", *FAST, *ACCUM))
+    cfg = config("name=two", *FAST, *ACCUM)
+    yaml_path = tmp_path / "two.yaml"
+    yaml_path.write_text(dump_config(cfg))
+    launch = ("--config_file", str(ROOT / "configs" / "accelerate" / launch_config))
+    proc = _launch(yaml_path, "train.max_steps_per_job=15", use_cpu=use_cpu, script=script, backend=launch)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    found = latest_checkpoint(cfg.run_dir)
+    assert found is not None and (found[1].stage, found[1].step) == (1, 5)
+    assert (found[0] / shard_file).is_file()  # the backend's own state: it really ran
+    proc = _launch(yaml_path, "--resume", use_cpu=use_cpu, script=script, backend=launch)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert_same_rows(read_log(one), read_log(cfg.run_dir), rel=1e-3)
+    assert_same_function(one, cfg.run_dir, atol=1e-4)
+    assert_same_weights(student_weights(one), student_weights(cfg.run_dir), atol=1e-4)
+
+
+def _fake_accelerator(kind: DistributedType, **plugin) -> SimpleNamespace:
+    """What _configure_backend, _deepspeed_batch and check_backend read of an Accelerator."""
+    plugin = SimpleNamespace(**plugin)
+    return SimpleNamespace(distributed_type=kind, is_fsdp2=getattr(plugin, "fsdp_version", 1) == 2,
+                           num_processes=2, gradient_accumulation_steps=2,
+                           state=SimpleNamespace(fsdp_plugin=plugin, deepspeed_plugin=plugin))
+
+
+def test_deepspeed_config_comes_from_the_run_config(config):
+    tcfg = config("train.grad_accum=2", "train.max_grad_norm=null").train
+    ds = {"gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "zero_optimization": {}}
+    acc = _fake_accelerator(DistributedType.DEEPSPEED, deepspeed_config=ds, zero_stage=3,
+                            zero3_init_flag=False)
+    trainer._configure_backend(acc, tcfg)
+    assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 0.0
+    assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    # The batch keys per stage: its global batch over 2 processes, 2 batches per step.
+    trainer._deepspeed_batch(acc, 32)
+    assert ds["train_micro_batch_size_per_gpu"] == 16 and ds["train_batch_size"] == 64
+
+
+@pytest.mark.parametrize("key, value, field", [
+    ("gradient_accumulation_steps", 4, "train.grad_accum"),
+    ("gradient_clipping", 1.0, "train.max_grad_norm"),
+])
+def test_deepspeed_config_that_contradicts_the_run_config_is_refused(config, key, value, field):
+    tcfg = config("train.grad_accum=2", "train.max_grad_norm=0.5").train
+    acc = _fake_accelerator(DistributedType.DEEPSPEED, deepspeed_config={key: value}, zero_stage=2)
+    with pytest.raises(ConfigError, match=f"{key}={value}.*{field}.*auto"):
+        trainer._configure_backend(acc, tcfg)
+
+
+def test_zero3_init_flag_is_refused(config):
+    acc = _fake_accelerator(DistributedType.DEEPSPEED, deepspeed_config={}, zero_stage=3,
+                            zero3_init_flag=True)
+    with pytest.raises(ConfigError, match="zero3_init_flag: false"):
+        trainer._configure_backend(acc, config().train)
+
+
+def test_fsdp_gets_use_orig_params_and_version_2_is_refused(config):
+    acc = _fake_accelerator(DistributedType.FSDP, use_orig_params=False, fsdp_version=1)
+    trainer._configure_backend(acc, config().train)
+    assert acc.state.fsdp_plugin.use_orig_params is True
+    acc = _fake_accelerator(DistributedType.FSDP, use_orig_params=True, fsdp_version=2)
+    with pytest.raises(ConfigError, match="fsdp_version: 1"):
+        trainer._configure_backend(acc, config().train)
+
+
+@pytest.mark.parametrize("kind", [DistributedType.FSDP, DistributedType.DEEPSPEED])
+def test_image_stages_are_refused_under_sharded_backends(kind):
+    stages = [SimpleNamespace(name="stage3", data="text"), SimpleNamespace(name="stage4", data="images")]
+    with pytest.raises(ConfigError, match=r"stages\.1 \(stage4\) is an image stage"):
+        trainer.check_backend(_fake_accelerator(kind), stages)
+    trainer.check_backend(_fake_accelerator(DistributedType.MULTI_CPU), stages)
+    trainer.check_backend(_fake_accelerator(kind), stages[:1])
+
+
+def test_launch_accumulation_other_than_the_run_config_is_refused(config, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "3")
+    with pytest.raises(ConfigError, match="train.grad_accum=2"):
+        trainer.make_accelerator(config("train.grad_accum=2").train, tmp_path)
+

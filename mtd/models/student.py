@@ -55,6 +55,12 @@ class Student(nn.Module):
         self.float()
 
     @property
+    def _no_split_modules(self) -> list[str] | None:
+        """The encoder's block classes (transformers' convention): FSDP's default auto-wrap policy
+        under Accelerate makes each block a unit of its own."""
+        return getattr(self.encoder, "_no_split_modules", None)
+
+    @property
     def head_dims(self) -> dict[str, int]:
         return {name: head.out_features for name, head in self.heads.items()}
 

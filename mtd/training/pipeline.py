@@ -51,10 +51,12 @@ from mtd.training.distributed import all_succeed, main_decides
 from mtd.training.trainer import (
     CHECKPOINT_FIX,
     StageData,
+    check_backend,
     check_run_dir,
     collate_features,
     collate_texts,
     make_accelerator,
+    runs_student_outside_steps,
     start_log,
     train_stages,
 )
@@ -128,6 +130,7 @@ def _prepare_run(cfg: RunConfig, resume: bool) -> tuple[Accelerator, Checkpoint 
     run_dir = cfg.run_dir
     check_run_dir(run_dir, resume)
     accelerator = make_accelerator(cfg.train, run_dir)
+    check_backend(accelerator, cfg.stages)
     main_decides(lambda: _check_output_folders(run_dir))
     found = None
     if resume and has_checkpoints(run_dir):
@@ -255,13 +258,15 @@ def frozen_features(student: Student, tokenizer, texts: list[str], max_length: i
 def text_stage_data(cfg: RunConfig, index: int, data: StageData, tokenizer, accelerator,
                     student: Student) -> StageData:
     """Stage `index`'s text batches: tokens, or, in a heads-only stage, the frozen encoder's pooled
-    outputs computed once (train.frozen_features) when they fit in memory: the encoder runs in
+    outputs computed once (train.frozen_features) when they fit in memory, under DDP or one process
+    (FSDP and DeepSpeed shard or cast the encoder outside their steps): the encoder runs in
     eval mode there, so every step would compute exactly these again (in float32 here, outside
     any mixed-precision autocast)."""
     stage = cfg.stages[index]
     hidden = student.encoder.config.hidden_size
     rows = len(data.train) + (len(data.dev) if data.dev is not None else 0)
-    if not (cfg.train.frozen_features and stage.train == "heads" and rows * hidden * 4 < MAX_FROZEN_BYTES):
+    if not (cfg.train.frozen_features and stage.train == "heads" and rows * hidden * 4 < MAX_FROZEN_BYTES
+            and runs_student_outside_steps(accelerator)):
         return data
     logger.info("Stage %s trains heads only: computing the frozen encoder's outputs of %d texts once.",
                 stage.name, rows)

@@ -18,8 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
@@ -28,10 +28,12 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, parse_flag_from_env, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, parse_flag_from_env, set_seed
 from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import _init_optim_state
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
+from transformers.integrations import unset_hf_deepspeed_config
 
 from mtd.config import ConfigError, StageConfig, TrainConfig
 from mtd.data.corpus import StepBatchSampler, TargetDataset
@@ -131,18 +133,24 @@ def start_log(run_dir: Path, found: Checkpoint | None) -> None:
 # One stage
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
+                   matrices: set[int] | None = None) -> torch.optim.AdamW:
     """AdamW over the trainable parameters, without weight decay on biases and norm weights (the
     BERT and HF Trainer convention: pulling them toward 0 only distorts the features' scale).
+
+    matrices: ids of the parameters that get weight decay (those of 2 or more dimensions), as
+    recorded before FSDP or DeepSpeed ZeRO-3 flattened or emptied them; None: read the shapes now.
 
     Fused (one kernel for all tensors, as the HF Trainer uses): on this project's 2-core CPU the
     step of the 22.7M-parameter MiniLM took 76 ms instead of 681 ms (`python bench/optimizer_step.py`,
     measured on a busy machine: the ratio, 9x, is the number to keep).
     """
     params = [p for p in model.parameters() if p.requires_grad]
+    if matrices is None:
+        matrices = {id(p) for p in params if p.ndim >= 2}
     return torch.optim.AdamW([
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p in params if id(p) in matrices], "weight_decay": weight_decay},
+        {"params": [p for p in params if id(p) not in matrices], "weight_decay": 0.0},
     ], lr=lr, fused=True)
 
 
@@ -150,6 +158,49 @@ def stage_steps(stage: StageConfig, n_train: int, grad_accum: int) -> int:
     if stage.steps is not None:
         return stage.steps
     return max(1, math.ceil(stage.epochs * (n_train // stage.batch_size) / grad_accum))
+
+
+class PreparedStudent:
+    """The student as Accelerate's backend trains it, stage after stage (see prepare).
+
+    DDP and one process: a new wrapper each stage over the student. DDP's reducer covers the
+    parameters that train when it is built, so a new trainable set needs a new one (building it
+    copies no weights).
+    FSDP: wrapped once per run (its auto-wrap refuses a module it has wrapped), with
+    use_orig_params (set by make_accelerator), so a stage only changes requires_grad on the
+    original parameters; each stage's optimizer is built over the wrapped model's parameters
+    (FSDP1 needs them wrapped first).
+    DeepSpeed: a new engine each stage over the unwrapped student. The engine owns the optimizer
+    and ZeRO partitions exactly that optimizer's parameters; Accelerate's free_memory destroys the
+    previous engine (its gradient hooks included).
+    """
+
+    def __init__(self, accelerator: Accelerator, student: Student):
+        self.acc, self.student = accelerator, student
+        # Which parameters get weight decay, read while every one still has its own shape.
+        self.matrices = {id(p) for p in student.parameters() if p.ndim >= 2}
+        self.wrapped = None  # FSDP: the wrapper, kept for the whole run
+
+    def prepare(self, stage: StageConfig, total: int):
+        """(model, optimizer, scheduler) of a stage training `total` optimizer steps."""
+        acc = self.acc
+        acc.free_memory()  # the previous stage's optimizer, scheduler, wrapper or engine
+        fsdp = acc.distributed_type == DistributedType.FSDP
+        if acc.distributed_type == DistributedType.DEEPSPEED:
+            _deepspeed_batch(acc, stage.batch_size)
+        trainable = set_trainable(self.student, stage.train, list(stage.heads))
+        logger.info("Stage %s: training %d parameter tensors (%s) for %d steps.",
+                    stage.name, len(trainable), stage.train, total)
+        if fsdp and self.wrapped is None:
+            self.wrapped = acc.prepare(self.student)
+            acc.free_memory()  # keeps the wrapper; the prepare below registers it again
+        model = self.student if self.wrapped is None else self.wrapped
+        optimizer = make_optimizer(model, stage.lr, stage.weight_decay, self.matrices)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, int(stage.warmup_ratio * total), total)
+        model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+        if fsdp:
+            self.wrapped = model
+        return model, optimizer, scheduler
 
 
 def collate_texts(dataset: TargetDataset, indices: list[int], *, tokenizer, max_length: int):
@@ -210,13 +261,13 @@ class _TermMeans:
 class StageRunner:
     """Trains one stage from `start` to its end (or to the job's step budget)."""
 
-    def __init__(self, accelerator, student: Student, stage: StageConfig, index: int,
+    def __init__(self, accelerator, student: PreparedStudent, stage: StageConfig, index: int,
                  tcfg: TrainConfig, data: Callable[[Student], StageData], n_train: int, run_dir: Path,
                  fingerprint: dict):
         """data(student) builds the stage's data once the student holds this stage's start weights
         (image stages read the frozen text side's caption vectors from it); n_train: its rows;
         fingerprint: what the data is, recorded in every checkpoint (see data_fingerprint)."""
-        self.acc, self.student, self.run_dir = accelerator, student, run_dir
+        self.acc, self.prepared, self.run_dir = accelerator, student, run_dir
         self.fingerprint = fingerprint
         self.stage, self.index, self.tcfg = stage, index, tcfg
         self.make_data, self.data = data, None
@@ -236,20 +287,15 @@ class StageRunner:
             num_workers=workers, generator=generator, pin_memory=self.acc.device.type == "cuda",
             persistent_workers=False, prefetch_factor=4 if workers else None)
 
-    def _prepare(self):
-        trainable = set_trainable(self.student, self.stage.train, list(self.stage.heads))
-        logger.info("Stage %s: training %d parameter tensors (%s) for %d steps.",
-                    self.stage.name, len(trainable), self.stage.train, self.total)
-        optimizer = make_optimizer(self.student, self.stage.lr, self.stage.weight_decay)
-        scheduler = get_cosine_schedule_with_warmup(
-            optimizer, int(self.stage.warmup_ratio * self.total), self.total)
-        self.acc.free_memory()  # forget the previous stage's wrapped model and optimizer
-        return self.acc.prepare(self.student, optimizer, scheduler)
-
     def run(self, start: int, resume_from: Path | None, step_budget: int | None) -> Position:
         set_seed(self.tcfg.seed + self.index)  # a stage starts the same whether resumed or not
-        model, optimizer, scheduler = self._prepare()
+        model, optimizer, scheduler = self.prepared.prepare(self.stage, self.total)
         if resume_from is not None:
+            if self.acc.distributed_type == DistributedType.FSDP:
+                # Accelerate reads a sharded FSDP optimizer into the state the optimizer holds,
+                # and a new AdamW has none before its first step: the moments would come back
+                # empty. Make them now (zero gradients, lr 0), as torch's own loader does.
+                _init_optim_state(optimizer.optimizer)
             with reading_weights(resume_from, CHECKPOINT_FIX):
                 self.acc.load_state(str(resume_from))
             logger.info("Resumed stage %s at step %d from %s", self.stage.name, start, resume_from)
@@ -264,12 +310,16 @@ class StageRunner:
         step, micro = start, 0
         self._train_mode(model)
         for batch, target in loader:
-            terms = self._micro_step(model, batch, target, step, micro)
+            # Accelerate's accumulation: no gradient sync before the last micro-batch (DDP, FSDP),
+            # the loss divided by grad_accum, and under DeepSpeed the engine steps at the last.
+            with self.acc.accumulate(model):
+                terms = self._micro_step(model, batch, target, step, micro)
+                if self.acc.sync_gradients:
+                    self._optimizer_step(model, optimizer, scheduler)
             means.add(terms, 1 / accum)
-            micro += 1
-            if micro < accum:
+            if not self.acc.sync_gradients:
+                micro += 1
                 continue
-            self._optimizer_step(model, optimizer, scheduler)
             step, micro = step + 1, 0
             means.steps += 1
             bar.update(1)
@@ -286,18 +336,16 @@ class StageRunner:
         set_train_mode(self.acc.unwrap_model(model))
 
     def _micro_step(self, model, batch, target, step: int, micro: int) -> dict[str, float]:
-        sync = micro == self.tcfg.grad_accum - 1
         generator = torch.Generator(device=self.acc.device).manual_seed(
             (self.tcfg.seed * 1_000_003 + step) * 64 + micro)  # same pair samples on all ranks
         # The prepared model's forward runs under autocast already; the objective turns it off.
-        with nullcontext() if sync else self.acc.no_sync(model):
-            outputs, target = _forward_global(model, batch, target, self.objective.heads_used,
-                                              self.acc.device)
-            terms = self.objective(outputs, target, generator=generator)
-            loss = terms["loss"]
-            if not torch.isfinite(loss):
-                self._non_finite(step, terms)
-            self.acc.backward(loss / self.tcfg.grad_accum)
+        outputs, target = _forward_global(model, batch, target, self.objective.heads_used,
+                                          self.acc.device)
+        terms = self.objective(outputs, target, generator=generator)
+        loss = terms["loss"]
+        if not torch.isfinite(loss):
+            self._non_finite(step, terms)
+        self.acc.backward(loss)  # divided by grad_accum there (by the engine under DeepSpeed)
         return {k: float(v.detach()) for k, v in terms.items()}
 
     def _optimizer_step(self, model, optimizer, scheduler) -> None:
@@ -388,16 +436,85 @@ def check_precision(tcfg: TrainConfig) -> None:
                           "recent CPUs) or train.mixed_precision=no.")
 
 
+def _process_group_kwargs(tcfg: TrainConfig) -> InitProcessGroupKwargs:
+    """The process group's settings. Its timeout applies to every collective (train.timeout_minutes;
+    NCCL's default, 10 minutes, is shorter than some waits of a big run). DeepSpeed launched on CPUs
+    (its CPU accelerator): Accelerate picks no process-group backend there and would count every
+    process as a lone one; gloo is the one DeepSpeed's CPU side uses."""
+    timeout = timedelta(minutes=tcfg.timeout_minutes)
+    launched = int(os.environ.get("LOCAL_RANK", -1)) != -1
+    if launched and parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") and not _has_gpu():
+        return InitProcessGroupKwargs(backend="gloo", timeout=timeout)
+    return InitProcessGroupKwargs(timeout=timeout)
+
+
+def _configure_backend(accelerator: Accelerator, tcfg: TrainConfig) -> None:
+    """What FSDP and DeepSpeed need from mtd's config, set before anything is prepared.
+
+    FSDP: use_orig_params, so that stages can freeze parts of a model wrapped once. DeepSpeed:
+    accumulation and clipping are the engine's, so its config must say train.grad_accum and
+    train.max_grad_norm (a different number there is refused); ZeRO-3 gathers full 16-bit weights
+    for the stage-end checkpoints. Batch sizes are set per stage (_deepspeed_batch).
+    """
+    if accelerator.distributed_type == DistributedType.FSDP:
+        if accelerator.is_fsdp2:
+            raise ConfigError(
+                "FSDP version 2 (fsdp_version: 2 in the accelerate config) is not supported: "
+                "resuming a run whose stages freeze parts of the student broke its optimizer "
+                "(torch 2.13, Accelerate 1.15). Use fsdp_version: 1, as "
+                "configs/accelerate/fsdp.yaml does.")
+        plugin = accelerator.state.fsdp_plugin
+        if not plugin.use_orig_params:
+            logger.info("FSDP: setting use_orig_params=True (stages freeze parts of the student).")
+            plugin.use_orig_params = True
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    plugin = accelerator.state.deepspeed_plugin
+    config = plugin.deepspeed_config
+    wanted = (("gradient_accumulation_steps", tcfg.grad_accum, "train.grad_accum"),
+              ("gradient_clipping", tcfg.max_grad_norm or 0.0, "train.max_grad_norm"))
+    for key, value, field in wanted:
+        have = config.get(key, "auto")
+        if have != "auto" and have != value:
+            raise ConfigError(
+                f"The DeepSpeed config sets {key}={have} and the run config {field}="
+                f"{getattr(tcfg, field.split('.')[1])}: mtd takes it from {field}. Set {key} to "
+                f"auto in the DeepSpeed config (or leave it out), or set {field} to match.")
+        config[key] = value
+    if plugin.zero_stage == 3:
+        if plugin.zero3_init_flag:
+            raise ConfigError(
+                "DeepSpeed ZeRO-3 with zero3_init_flag: true would build the student already "
+                "partitioned, and mtd builds it whole (keeping layers, adding heads) before "
+                "preparing it. Set zero3_init_flag: false in the accelerate config (as "
+                "configs/accelerate/deepspeed-zero3.yaml does).")
+        config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
+        # Accelerate registers its ZeRO-3 config with transformers whatever zero3_init_flag says,
+        # and transformers then builds every model partitioned (a collective): the student, the
+        # teachers, and the main process's lone rebuild for the export, which would wait forever.
+        unset_hf_deepspeed_config()
+
+
+def _deepspeed_batch(accelerator: Accelerator, batch_size: int) -> None:
+    """DeepSpeed's batch keys for a stage of global batch `batch_size` per micro-step: mtd's own
+    loader feeds the engine (no prepared DataLoader to fill "auto" from) and stages differ."""
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    micro = batch_size // accelerator.num_processes
+    config["train_micro_batch_size_per_gpu"] = micro
+    config["train_batch_size"] = micro * accelerator.num_processes * accelerator.gradient_accumulation_steps
+
+
 def make_accelerator(tcfg: TrainConfig, run_dir: Path) -> Accelerator:
+    """The run's Accelerator: DDP, FSDP or DeepSpeed as launched (`accelerate launch
+    --config_file configs/accelerate/...`), gradient accumulation by train.grad_accum."""
     check_precision(tcfg)
     # step_scheduler_with_optimizer=False: the scheduler counts global optimizer steps (batch sizes
     # are global); Accelerate's default steps it once per process per step, so 2 processes ran
     # the cosine schedule twice as fast (lr 0 halfway through a stage, then rising again).
-    # The timeout applies to every collective of the process group (it is set up here, first).
-    timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=tcfg.timeout_minutes))
     accelerator = Accelerator(mixed_precision=tcfg.mixed_precision, log_with=tcfg.report_to,
                               project_dir=str(run_dir), step_scheduler_with_optimizer=False,
-                              kwargs_handlers=[timeout])
+                              gradient_accumulation_steps=tcfg.grad_accum,
+                              kwargs_handlers=[_process_group_kwargs(tcfg)])
     if world_size() != accelerator.num_processes:
         # e.g. `accelerate launch --multi_gpu` on a machine without GPUs: torch.distributed is up,
         # but Accelerate runs every process as a lone main process (each would write the run).
@@ -407,7 +524,35 @@ def make_accelerator(tcfg: TrainConfig, run_dir: Path) -> Accelerator:
             "--multi_gpu --num_processes N train.py ...`); note that `accelerate launch --cpu` starts "
             "one process unless it runs under mpirun."
         )
+    if accelerator.gradient_accumulation_steps != tcfg.grad_accum:
+        raise ConfigError(
+            f"The launch asks for gradient accumulation over {accelerator.gradient_accumulation_steps} "
+            f"batches (ACCELERATE_GRADIENT_ACCUMULATION_STEPS, from `accelerate launch "
+            f"--gradient_accumulation_steps` or its config) and the run config for "
+            f"train.grad_accum={tcfg.grad_accum}: mtd takes it from train.grad_accum. Remove it from "
+            "the launch.")
+    _configure_backend(accelerator, tcfg)
     return accelerator
+
+
+def runs_student_outside_steps(accelerator: Accelerator) -> bool:
+    """Whether the student can encode outside the training step (DDP or one process): under FSDP
+    and ZeRO-3 its modules hold shards of the weights, and DeepSpeed's are 16-bit."""
+    return accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def check_backend(accelerator: Accelerator, stages: list[StageConfig]) -> None:
+    """Image stages only under DDP or one process: they encode images and captions with the
+    student outside the training step (see runs_student_outside_steps)."""
+    kind = accelerator.distributed_type
+    if runs_student_outside_steps(accelerator):
+        return
+    for i, stage in enumerate(stages):
+        if stage.data == "images":
+            raise ConfigError(
+                f"stages.{i} ({stage.name}) is an image stage, and mtd trains those with DDP or one "
+                f"process, not {kind.value}. Train the image stages in a run of their own without "
+                "the FSDP/DeepSpeed launch config (student.init: run, student.path: the text run).")
 
 
 def train_stages(accelerator: Accelerator, student: Student, stages: list[StageConfig],
@@ -426,10 +571,11 @@ def train_stages(accelerator: Accelerator, student: Student, stages: list[StageC
     if found and accelerator.is_main_process:
         logger.info("Resuming from %s", found.path)
     budget = tcfg.max_steps_per_job
+    prepared = PreparedStudent(accelerator, student)
     for index in range(pos.stage, len(stages)):
         start = pos.step if index == pos.stage else 0
         resume_from = found.path if found and not found.pos.done and index == found.pos.stage else None
-        runner = StageRunner(accelerator, student, stages[index], index, tcfg, *data_for(index), run_dir,
+        runner = StageRunner(accelerator, prepared, stages[index], index, tcfg, *data_for(index), run_dir,
                              fingerprint)
         end = runner.run(start, resume_from, budget)
         if not end.done:
