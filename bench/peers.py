@@ -452,7 +452,7 @@ def time_mtd(setup: Setup, terms: list[str], steps: int, run_dir: Path) -> float
     accelerator = make_accelerator(tcfg, run_dir)
     t0 = time.perf_counter()
     stage_data = lambda _index: ((lambda _student: data), len(data.train))  # noqa: E731
-    train_stages(accelerator, student, [stage], tcfg, run_dir, stage_data, resume=False)
+    train_stages(accelerator, student, [stage], tcfg, run_dir, stage_data, None, {})
     return time.perf_counter() - t0
 
 

@@ -35,3 +35,21 @@ def test_peers_section_created_replaced_or_appended(peers):
 def test_run_without_config_names_the_fix(peers, tmp_path):
     with pytest.raises(peers.PeersError, match=r"no config.yaml, so not an mtd run\. Train one first"):
         peers.run_config(tmp_path, None)
+
+
+def test_mtd_throughput_timing_trains_the_stage(peers, config, tmp_path):
+    """Table 2's mtd side runs the real train_stages for the asked steps (one stage, all terms)."""
+    import numpy as np
+
+    from mtd.data.corpus import read_corpus
+
+    cfg = config()
+    corpus = read_corpus(cfg.data.corpus, max_texts=300, dev_size=0)
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal((300, d)).astype(np.float16) for d in (32, 48)]  # the tiny teachers
+    setup = peers.Setup(cfg, corpus, arrays, steps=3, batch=32)
+    (tmp_path / "run").mkdir()
+    seconds = peers.time_mtd(setup, ["cos", "sim", "resim"], 3, tmp_path / "run")
+    assert seconds > 0
+    log = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    assert '"step": 3' in log[-1] and '"fc1/resim"' in log[-1]
