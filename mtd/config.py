@@ -174,6 +174,9 @@ class TrainConfig:
     keep_checkpoints: int = num(2, ge=1)  # mid-stage checkpoints kept; stage-end ones always are
     max_steps_per_job: int | None = num(None, ge=1)  # stop after this many steps (time-limited jobs)
     num_workers: int = num(0, ge=0)  # DataLoader workers
+    # text batches of similar token length (within windows of 64 batches, order shuffled): less padding
+    group_by_length: bool = False
+    compile: bool = False  # torch.compile the student's encoder (GPU speed; minutes of compiling first)
     report_to: str | None = None  # Accelerate tracker, e.g. tensorboard | wandb
 
 
@@ -490,8 +493,8 @@ def _check_choices(cfg: RunConfig) -> None:
 
 
 # Keys a resumed run may change: they do not alter what is trained.
-RESUMABLE_CHANGES = ("train.max_steps_per_job", "train.report_to", "train.num_workers", "eval.",
-                     "export_head")
+RESUMABLE_CHANGES = ("train.max_steps_per_job", "train.report_to", "train.num_workers", "train.compile",
+                     "eval.", "export_head")
 
 
 def _flatten(value: Any, key: str = "") -> dict[str, Any]:
@@ -509,8 +512,11 @@ def _flatten(value: Any, key: str = "") -> dict[str, Any]:
 
 
 def check_resume(saved_yaml: str, cfg: RunConfig) -> None:
-    """Refuse to resume a run with a config that changes what it trains."""
+    """Refuse to resume a run with a config that changes what it trains. A key the saved config
+    lacks (a field added since the run started) counts as holding its default."""
     old, new = _flatten(load_yaml(saved_yaml, "the run's config.yaml") or {}), _flatten(to_dict(cfg))
+    defaults = _flatten(to_dict(RunConfig()))
+    old |= {k: defaults[k] for k in new.keys() - old.keys() if k in defaults}
     changed = sorted(k for k in old.keys() | new.keys()
                      if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES))
     if changed:

@@ -19,6 +19,7 @@ from accelerate.utils import set_seed
 from mtd.config import RunConfig, check_batch_sizes, check_dims, check_saved_config, dump_config
 from mtd.data import images
 from mtd.data.corpus import Corpus, TargetDataset, multi_teacher_target, read_corpus
+from mtd.data.tokens import TokenizedTexts
 from mtd.evaluation import report
 from mtd.export import export_student
 from mtd.hf import resolve_model
@@ -50,7 +51,7 @@ from mtd.training.trainer import (
     CHECKPOINT_FIX,
     StageData,
     check_run_dir,
-    collate_texts,
+    collate_tokens,
     make_accelerator,
     start_log,
     train_stages,
@@ -215,6 +216,20 @@ def image_stage_data(cfg: RunConfig, index: int, data: images.ImageCaptions,
     return StageData(dataset, None, images.ImageCaptionDataset.collate, images.StepTaggedSampler)
 
 
+def text_stage_data(corpus: Corpus, arrays: list[np.ndarray], weights: list[float], tokenizer,
+                    max_length: int, progress: bool = True) -> StageData:
+    """The corpus's batches for text stages: every text tokenized once, here (batches only pad)."""
+
+    def dataset(texts: list[str], offset: int, part: str) -> TargetDataset:
+        tokens = TokenizedTexts.build(tokenizer, texts, max_length, desc=f"tokenize {part} texts",
+                                      progress=progress)
+        return TargetDataset(texts, arrays, weights, offset=offset, tokens=tokens)
+
+    train = dataset(corpus.train, 0, "train")
+    dev = dataset(corpus.dev, len(corpus.train), "dev") if corpus.dev else None
+    return StageData(train, dev, collate_tokens, lengths=train.tokens.lengths)
+
+
 def length_mismatches(cfg: RunConfig) -> list[str]:
     """A teacher that reads more tokens than the student makes the student match vectors of text
     it never sees; one that reads fewer, the reverse. Allowed, but said."""
@@ -254,14 +269,12 @@ def run(cfg: RunConfig, resume: bool = False) -> Path:
     student, tokenizer = build_student(cfg, target_dim)
     check_dims(cfg, student.head_dims, target_dim or 0)
 
-    train_ds = TargetDataset(corpus.train, arrays, weights)
-    dev_ds = TargetDataset(corpus.dev, arrays, weights, offset=len(corpus.train)) if corpus.dev else None
-    text_data = StageData(train_ds, dev_ds, partial(collate_texts, tokenizer=tokenizer,
-                                                    max_length=cfg.student.max_length))
+    text_data = text_stage_data(corpus, arrays, weights, tokenizer, cfg.student.max_length,
+                                accelerator.is_local_main_process) if text_stages else None
 
     def data_for(index: int):
         if cfg.stages[index].data == "text":
-            return (lambda _student: text_data), len(train_ds)
+            return (lambda _student: text_data), len(text_data.train)
         make = partial(image_stage_data, cfg, index, pairs, caption_target, tokenizer)
         return make, len(pairs.images)
 
