@@ -435,9 +435,9 @@ def time_mtd(setup: Setup, terms: list[str], steps: int, run_dir: Path) -> float
     on `terms` (the run's last text stage's loss weights), no dev set, no mid-stage checkpoint."""
     from accelerate.utils import set_seed
 
-    from mtd.data.corpus import TargetDataset
-    from mtd.training.pipeline import build_student
-    from mtd.training.trainer import StageData, collate_texts, make_accelerator, train_stages
+    from mtd.data.corpus import Corpus
+    from mtd.training.pipeline import build_student, corpus_stage_data
+    from mtd.training.trainer import make_accelerator, train_stages
 
     cfg = setup.cfg
     head = next(iter(cfg.student.heads))
@@ -447,8 +447,8 @@ def time_mtd(setup: Setup, terms: list[str], steps: int, run_dir: Path) -> float
                                max_steps_per_job=None, report_to=None, grad_accum=1)
     set_seed(cfg.train.seed)
     student, tokenizer = build_student(cfg, sum(a.shape[1] for a in setup.arrays))
-    data = StageData(TargetDataset(setup.texts, setup.arrays, [t.weight for t in cfg.teachers]), None,
-                     partial(collate_texts, tokenizer=tokenizer, max_length=cfg.student.max_length))
+    data = corpus_stage_data(Corpus(setup.texts, []), setup.arrays, [t.weight for t in cfg.teachers],
+                           tokenizer, cfg.student.max_length, progress=False)
     accelerator = make_accelerator(tcfg, run_dir)
     t0 = time.perf_counter()
     stage_data = lambda _index: ((lambda _student: data), len(data.train))  # noqa: E731

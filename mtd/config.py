@@ -178,6 +178,9 @@ class TrainConfig:
     # heads-only text stages: run the frozen encoder once over the texts (if its outputs fit in
     # 4 GiB) and train the heads on those, instead of running it again at every step
     frozen_features: bool = True
+    # text batches of similar token length (within windows of 64 batches, order shuffled): less padding
+    group_by_length: bool = False
+    compile: bool = False  # torch.compile the student's encoder (GPU speed; minutes of compiling first)
     report_to: str | None = None  # Accelerate tracker, e.g. tensorboard | wandb
     # how long a process waits in a collective for the others before the run stops (a teacher
     # filling the target cache inside a run, a slow checkpoint); NCCL's own default is 10
@@ -510,8 +513,8 @@ def _check_choices(cfg: RunConfig) -> None:
 
 
 # Keys a resumed run may change: they do not alter what is trained.
-RESUMABLE_CHANGES = ("train.max_steps_per_job", "train.report_to", "train.num_workers", "eval.",
-                     "export_head")
+RESUMABLE_CHANGES = ("train.max_steps_per_job", "train.report_to", "train.num_workers", "train.compile",
+                     "eval.", "export_head")
 
 
 def _flatten(value: Any, key: str = "") -> dict[str, Any]:
@@ -529,8 +532,11 @@ def _flatten(value: Any, key: str = "") -> dict[str, Any]:
 
 
 def check_resume(saved_yaml: str, cfg: RunConfig) -> None:
-    """Refuse to resume a run with a config that changes what it trains."""
+    """Refuse to resume a run with a config that changes what it trains. A key the saved config
+    lacks (a field added since the run started) counts as holding its default."""
     old, new = _flatten(load_yaml(saved_yaml, "the run's config.yaml") or {}), _flatten(to_dict(cfg))
+    defaults = _flatten(to_dict(RunConfig()))
+    old |= {k: defaults[k] for k in new.keys() - old.keys() if k in defaults}
     changed = sorted(k for k in old.keys() | new.keys()
                      if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES))
     if changed:

@@ -216,6 +216,16 @@ def test_resume_refuses_a_changed_config(tiny_config):
         check_resume(saved, tiny_config("stages.1.lr=2e-3"))
 
 
+def test_resume_of_a_run_saved_before_a_field_existed_takes_its_default(tiny_config):
+    from mtd.config import check_resume, dump_config
+
+    saved = dump_config(tiny_config()).replace("  group_by_length: false\n", "")
+    assert "group_by_length" not in saved
+    check_resume(saved, tiny_config())  # the field's default: what the run trained with
+    with pytest.raises(ConfigError, match=r"train\.group_by_length: False -> True"):
+        check_resume(saved, tiny_config("train.group_by_length=true"))
+
+
 def test_teacher_and_student_token_limits_that_differ_are_named(tiny_config):
     from mtd.training.pipeline import length_mismatches
 

@@ -1,4 +1,5 @@
-"""Tests for mtd.data.corpus: corpus reading, the multi-teacher target, and the step-indexed sampler."""
+"""Tests for mtd.data.corpus and mtd.data.tokens: corpus reading, the multi-teacher target, the
+step-indexed samplers (random and length-grouped), and token ids computed once and padded."""
 
 from __future__ import annotations
 
@@ -9,7 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from mtd.data.corpus import CorpusError, StepBatchSampler, TargetDataset, multi_teacher_target, read_corpus
+from mtd.data import tokens as tokens_module
+from mtd.data.corpus import (
+    CorpusError,
+    LengthGroupedSampler,
+    StepBatchSampler,
+    TargetDataset,
+    multi_teacher_target,
+    padding_share,
+    read_corpus,
+)
+from mtd.data.tokens import TokenizedTexts, TokenizerError
+from mtd.models.student import tokenize
 
 
 def _write(path, lines, encoding="utf-8"):
@@ -213,3 +225,123 @@ def test_sampler_rejects_bad_sizes():
         StepBatchSampler(50, 8, 0, 0, 10, rank=0, world_size=3)
     with pytest.raises(ValueError, match="larger than the 5 training texts"):
         StepBatchSampler(5, 8, 0, 0, 10)
+
+
+def test_batches_are_slices_of_the_seeded_epoch_permutation():
+    """The random order itself (train.group_by_length=false): runs keep the batches they had."""
+    for k in (0, 5, 6, 13):
+        epoch, j = divmod(k, 6)
+        perm = torch.randperm(50, generator=torch.Generator().manual_seed(3 * 1_000_003 + epoch))
+        assert _run(seed=3, start=k, stop=k + 1) == [perm[j * 8 : (j + 1) * 8].tolist()]
+
+
+# --- LengthGroupedSampler ---------------------------------------------------------------------------
+
+
+def _lengths(n=200, seed=0):
+    return np.random.default_rng(seed).integers(3, 60, size=n)
+
+
+def _grouped(n=200, batch_size=8, seed=0, start=0, stop=60, rank=0, world_size=1, window=5, lengths=None):
+    lengths = _lengths(n) if lengths is None else lengths
+    return list(LengthGroupedSampler(n, batch_size, seed, start, stop, rank, world_size,
+                                     lengths=lengths, window=window))
+
+
+def test_grouped_batch_k_is_a_pure_function_of_seed_and_k():
+    full = _grouped(stop=60)  # 25 batches an epoch in windows of 5: 2.4 epochs
+    for start in (1, 4, 5, 24, 25, 26, 59):
+        assert _grouped(start=start, stop=60) == full[start:]
+    assert _grouped(seed=1) != full
+    # A sampler asked out of order (as padding_share and a resume do) gives the same batches.
+    sampler = LengthGroupedSampler(200, 8, 0, 0, 60, lengths=_lengths(), window=5)
+    assert [sampler.global_batch(k) for k in (37, 3, 59, 3, 0)] == [full[k] for k in (37, 3, 59, 3, 0)]
+
+
+def test_grouped_epochs_hold_the_random_epochs_rows_once_each():
+    n, bs = 203, 8  # 25 batches an epoch, 3 rows dropped: the same 3 as without grouping
+    grouped, plain = _grouped(n=n, lengths=_lengths(n), stop=75), _run(n=n, batch_size=bs, stop=75)
+    for e in range(3):
+        rows = sum(grouped[e * 25 : (e + 1) * 25], [])
+        assert len(rows) == len(set(rows)) == 200
+        assert set(rows) == set(sum(plain[e * 25 : (e + 1) * 25], []))
+    assert grouped[:25] != plain[:25]
+
+
+def test_grouped_batches_take_consecutive_lengths_within_a_window():
+    lengths = _lengths()
+    batches = _grouped(lengths=lengths, stop=25, window=5)
+    for w in range(5):
+        spans = sorted((lengths[b].min(), lengths[b].max()) for b in batches[w * 5 : (w + 1) * 5])
+        assert all(hi <= next_lo for (_, hi), (next_lo, _) in zip(spans, spans[1:], strict=False))
+    # ... and the batch order within a window is shuffled, not a length curriculum.
+    assert any(lengths[batches[i]].min() > lengths[batches[i + 1]].max() for i in range(25) if i % 5 < 4)
+
+
+def test_grouped_rank_slices_partition_the_global_batch():
+    full = _grouped(start=3, stop=40)
+    slices = [_grouped(start=3, stop=40, rank=r, world_size=4) for r in range(4)]
+    assert all(len(b) == 2 for s in slices for b in s)
+    assert [sum(parts, []) for parts in zip(*slices, strict=True)] == full
+
+
+def test_grouping_lowers_the_padding():
+    lengths = _lengths(2000)
+    args = (2000, 32, 0, 0, 100)
+    plain = padding_share(StepBatchSampler(*args), lengths)
+    grouped = padding_share(LengthGroupedSampler(*args, lengths=lengths), lengths)
+    assert grouped < 0.1 < 0.3 < plain
+    # The share counts each process's slice padded to its own longest row.
+    one = StepBatchSampler(4, 4, 0, 0, 1, world_size=2)
+    lengths = np.zeros(4, dtype=int)
+    lengths[one.global_batch(0)] = [1, 3, 2, 2]  # slices [1, 3] and [2, 2]: 3 * 2 + 2 * 2 positions
+    assert padding_share(one, lengths) == pytest.approx(2 / 10)
+
+
+def test_grouped_sampler_rejects_lengths_of_another_size():
+    with pytest.raises(ValueError, match="199 lengths for 200 rows"):
+        LengthGroupedSampler(200, 8, 0, 0, 10, lengths=_lengths(199))
+
+
+# --- TokenizedTexts ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_tokenizer(tiny_assets):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_assets / "tokenizer")
+
+
+def _texts(tiny_assets, n=40):
+    texts = (tiny_assets / "corpus.txt").read_text().splitlines()[:n]
+    return texts + [" ".join(texts[:6]), "x", texts[3]]  # one far beyond max_length, one tiny
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_token_ids_equal_tokenizing_the_batch(tiny_tokenizer, tiny_assets, monkeypatch, side):
+    monkeypatch.setattr(tokens_module, "TOKENIZE_BATCH", 7)  # several tokenizer calls
+    tiny_tokenizer.padding_side = side
+    texts = _texts(tiny_assets)
+    built = TokenizedTexts.build(tiny_tokenizer, texts, max_length=12, progress=False)
+    assert built.ids.dtype == np.int32 and built.ids.ndim == 1 and len(built) == len(texts)
+    assert built.lengths.max() == 12 and built.lengths.min() < 12  # truncation happened
+    for rows in ([0, 1, 2], [40, 41, 5, 42], [41], list(range(len(texts)))):
+        got = built.pad(rows)
+        want = tokenize(tiny_tokenizer, [texts[i] for i in rows], 12)
+        assert got.keys() == want.keys()
+        for k in want:
+            assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), (rows, k)
+
+
+def test_target_dataset_keeps_token_ids_of_its_own_texts(tiny_tokenizer, tiny_assets):
+    texts = _texts(tiny_assets)
+    built = TokenizedTexts.build(tiny_tokenizer, texts, max_length=12, progress=False)
+    with pytest.raises(ValueError, match="43 rows of token ids for 42 texts"):
+        TargetDataset(texts[:-1], [], [], tokens=built)
+
+
+def test_a_tokenizer_without_pad_token_is_refused(tiny_tokenizer):
+    tiny_tokenizer.pad_token = None
+    with pytest.raises(TokenizerError, match="no pad token.*pad_token"):
+        TokenizedTexts.build(tiny_tokenizer, ["a b", "c"], max_length=8, progress=False)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -198,6 +200,27 @@ def test_resume_equals_uninterrupted(config, budget, dropout):
     assert len(rows_a) == len(rows_b)
 
 
+def test_length_grouped_run_resumes_equal_with_workers(config, caplog):
+    """train.group_by_length: the batches differ from random ones, stay a function of the step
+    (a resumed run, here with DataLoader workers, equals an uninterrupted one), and the stage start
+    says how much padding grouping saves."""
+    grouped = (*FAST, "train.group_by_length=true")
+    with caplog.at_level(logging.INFO, logger="mtd.training.trainer"):
+        a = pipeline.run(config("name=a", *grouped))
+    shares = [re.search(r"Stage stage1: padding is ([\d.]+)% of the tokens in random batches and "
+                        r"([\d.]+)% in length-grouped ones \(train.group_by_length=true\)", m)
+              for m in caplog.messages]
+    (random_share, grouped_share), = [tuple(map(float, m.groups())) for m in shares if m]
+    assert grouped_share < random_share / 2
+    b = pipeline.run(config("name=b", *grouped, "train.max_steps_per_job=15", "train.num_workers=2"))
+    assert latest_checkpoint(b)[1].stage == 1
+    pipeline.run(config("name=b", *grouped, "train.num_workers=2"), resume=True)
+    assert_same_weights(student_weights(a), student_weights(b))
+    assert_same_rows(read_log(a), read_log(b))
+    plain = pipeline.run(config("name=plain", *FAST))
+    assert train_rows(read_log(plain))[0]["loss"] != train_rows(read_log(a))[0]["loss"]
+
+
 def test_many_short_jobs_with_unaligned_budget(config):
     """Jobs of 7 steps (not a multiple of log_every): weights match, and every log row is the
     mean of exactly the steps it covers (checked against a run logging every step)."""
@@ -293,6 +316,25 @@ def test_non_finite_loss_stops_with_last_good_checkpoint(config, monkeypatch, ba
     assert_same_rows(train_rows(read_log(ref)), train_rows(read_log(cfg.run_dir)))
 
 
+def test_non_finite_loss_between_log_rows_stops_before_the_next_checkpoint(config, monkeypatch):
+    """Loss values are read only where something is written: with rows every 20 steps and
+    checkpoints every 5, a NaN at step 8 is found at the step-10 checkpoint, which is not saved."""
+    real = mtd.losses.objective.similarity_loss
+    calls = {"n": 0}
+
+    def flaky_similarity_loss(s, t):
+        calls["n"] += s.grad_fn is not None
+        return real(s, t) * (float("nan") if calls["n"] == 8 and s.grad_fn is not None else 1.0)
+
+    monkeypatch.setattr(mtd.losses.objective, "similarity_loss", flaky_similarity_loss)
+    cfg = config("name=nan", "stages.0.steps=20", "train.log_every=20", "train.eval_every=0",
+                 "train.save_every=5")
+    with pytest.raises(NonFiniteLossError, match="'stage1' at step 8:.*0-stage1-step0000005"):
+        pipeline.run(cfg)
+    assert latest_checkpoint(cfg.run_dir)[0].name == "0-stage1-step0000005"
+    assert not (cfg.run_dir / "log.jsonl").exists()  # no row was due before the failure
+
+
 # ---------------------------------------------------------------------------------------------
 # Variants
 
@@ -368,6 +410,40 @@ def test_resim_sampled_mode(config):
     # Sampling is seeded per step: a second run gives the same numbers.
     again = pipeline.run(config("name=sampled2", *FAST, "stages.0.resim_samples=5000"))
     assert_same_rows(train_rows(read_log(run_dir)), train_rows(read_log(again)))
+
+
+SHORT = ("stages.0.steps=4", "stages.1.steps=4", "stages.2.steps=4", "train.log_every=2",
+         "train.eval_every=0", "train.save_every=2")
+
+
+def _compiled_run_matches_plain(config, name: str):
+    plain = pipeline.run(config("name=plain", *SHORT))
+    compiled = pipeline.run(config(f"name={name}", *SHORT, "train.compile=true"))
+    for folder in ("0-stage1-end", "2-stage3-step0000002", "2-stage3-end"):
+        a, b = (load_file(str(r / "checkpoints" / folder / "model.safetensors")) for r in (plain, compiled))
+        assert_same_weights(a, b, atol=1e-5)  # the same names (no "_orig_mod."), the same training
+    assert_same_weights(student_weights(plain), student_weights(compiled), atol=1e-5)
+    assert (compiled / "final" / "modules.json").is_file()
+    assert_same_rows(train_rows(read_log(plain)), train_rows(read_log(compiled)), rel=1e-4)
+
+
+def test_compiled_encoder_keeps_its_weight_names(config, monkeypatch):
+    """train.compile through dynamo's eager backend (seconds; the default backend takes minutes on a
+    CPU): checkpoints, student/ and final/ are those of an uncompiled run."""
+    real, compiled = torch.nn.Module.compile, []
+
+    def eager_compile(module, *args, **kwargs):
+        compiled.append(type(module).__name__)
+        return real(module, *args, **kwargs | {"backend": "eager"})
+
+    monkeypatch.setattr(torch.nn.Module, "compile", eager_compile)
+    _compiled_run_matches_plain(config, "eager")
+    assert compiled == ["BertModel"]
+
+
+@pytest.mark.compile
+def test_compiled_encoder_trains_like_the_plain_one(config):
+    _compiled_run_matches_plain(config, "inductor")
 
 
 # ---------------------------------------------------------------------------------------------

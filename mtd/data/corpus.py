@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mtd.data.tokens import TokenizedTexts
 from mtd.errors import MtdError
 
 logger = logging.getLogger(__name__)
@@ -110,7 +111,8 @@ def multi_teacher_target(
 
 
 class TargetDataset(torch.utils.data.Dataset):
-    """Row i: (text i, index i). Targets are gathered per batch in `collate` from memmaps."""
+    """Row i: (text i, index i). Targets are gathered per batch in `collate` from memmaps; the
+    texts' token ids, when given, are computed once (tokens.TokenizedTexts) and padded per batch."""
 
     def __init__(
         self,
@@ -118,11 +120,15 @@ class TargetDataset(torch.utils.data.Dataset):
         teacher_arrays: Sequence[np.ndarray],
         weights: Sequence[float],
         offset: int = 0,
+        tokens: TokenizedTexts | None = None,
     ):
+        if tokens is not None and len(tokens) != len(texts):
+            raise ValueError(f"{len(tokens)} rows of token ids for {len(texts)} texts.")
         self.texts = texts
         self.arrays = teacher_arrays  # each (N_total, D_k) float16 memmap
         self.weights = list(weights)
         self.offset = offset  # where these texts start in the cache (dev rows follow train rows)
+        self.tokens = tokens
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -190,12 +196,15 @@ class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.batches_per_epoch = n // batch_size
         self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
 
-    def global_batch(self, k: int) -> list[int]:
-        epoch, j = divmod(k, self.batches_per_epoch)
+    def permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._epoch:  # one permutation per epoch, not per step
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
-        return self._perm[j * self.batch_size : (j + 1) * self.batch_size].tolist()
+        return self._perm
+
+    def global_batch(self, k: int) -> list[int]:
+        epoch, j = divmod(k, self.batches_per_epoch)
+        return self.permutation(epoch)[j * self.batch_size : (j + 1) * self.batch_size].tolist()
 
     def __iter__(self):
         for k in range(self.start, self.stop):
@@ -204,3 +213,51 @@ class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def __len__(self) -> int:
         return self.stop - self.start
+
+
+class LengthGroupedSampler(StepBatchSampler):
+    """StepBatchSampler whose batches hold texts of similar token length, so they carry less padding.
+
+    The epoch's rows are those of StepBatchSampler's epoch (the same permutation, the same dropped
+    rest), taken in windows of `window` consecutive global batches; within a window the rows are
+    sorted by length (ties in permutation order), cut into batches, and the batches shuffled. Batch
+    k stays a pure function of (seed, k), and each process takes its slice of the global batch.
+    The in-batch losses then compare texts of similar length with each other.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int, rank: int = 0,
+                 world_size: int = 1, *, lengths: np.ndarray, window: int = 64):
+        super().__init__(n, batch_size, seed, start, stop, rank, world_size)
+        if len(lengths) != n:
+            raise ValueError(f"{len(lengths)} lengths for {n} rows.")
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.lengths, self.window = np.asarray(lengths), window
+        self._window_at: tuple[int, int] | None = None
+        self._batches: list[list[int]] = []
+
+    def global_batch(self, k: int) -> list[int]:
+        epoch, j = divmod(k, self.batches_per_epoch)
+        w, i = divmod(j, self.window)
+        if self._window_at != (epoch, w):
+            first = w * self.window
+            count = min(self.window, self.batches_per_epoch - first)
+            b = self.batch_size
+            rows = self.permutation(epoch)[first * b : (first + count) * b].numpy()
+            rows = rows[np.argsort(self.lengths[rows], kind="stable")]
+            order = np.random.default_rng((self.seed, epoch, w)).permutation(count)
+            self._window_at, self._batches = (epoch, w), [rows[o * b : (o + 1) * b].tolist() for o in order]
+        return self._batches[i]
+
+
+def padding_share(sampler: StepBatchSampler, lengths: np.ndarray, max_batches: int = 2000) -> float:
+    """Share of padding among the tokens of `sampler`'s first `max_batches` global batches (all
+    processes' slices, each padded to its own longest row)."""
+    lengths = np.asarray(lengths)
+    world = sampler.batch_size // sampler.per_rank
+    real = total = 0
+    for k in range(sampler.start, min(sampler.stop, sampler.start + max_batches)):
+        slices = lengths[sampler.global_batch(k)].reshape(world, sampler.per_rank)
+        real += int(slices.sum())
+        total += int(slices.max(axis=1).sum()) * sampler.per_rank
+    return 1.0 - real / total if total else 0.0

@@ -20,6 +20,7 @@ from accelerate.utils import set_seed
 from mtd.config import RunConfig, check_batch_sizes, check_dims, check_saved_config, dump_config
 from mtd.data import images
 from mtd.data.corpus import Corpus, FeatureDataset, TargetDataset, multi_teacher_target, read_corpus
+from mtd.data.tokens import TokenizedTexts
 from mtd.evaluation import report
 from mtd.export import export_student
 from mtd.hf import resolve_model
@@ -54,7 +55,7 @@ from mtd.training.trainer import (
     check_backend,
     check_run_dir,
     collate_features,
-    collate_texts,
+    collate_tokens,
     make_accelerator,
     runs_student_outside_steps,
     start_log,
@@ -241,6 +242,20 @@ def image_stage_data(cfg: RunConfig, index: int, data: images.ImageCaptions,
     return StageData(dataset, None, images.ImageCaptionDataset.collate, images.StepTaggedSampler)
 
 
+def corpus_stage_data(corpus: Corpus, arrays: list[np.ndarray], weights: list[float], tokenizer,
+                    max_length: int, progress: bool = True) -> StageData:
+    """The corpus's batches for text stages: every text tokenized once, here (batches only pad)."""
+
+    def dataset(texts: list[str], offset: int, part: str) -> TargetDataset:
+        tokens = TokenizedTexts.build(tokenizer, texts, max_length, desc=f"tokenize {part} texts",
+                                      progress=progress)
+        return TargetDataset(texts, arrays, weights, offset=offset, tokens=tokens)
+
+    train = dataset(corpus.train, 0, "train")
+    dev = dataset(corpus.dev, len(corpus.train), "dev") if corpus.dev else None
+    return StageData(train, dev, collate_tokens, lengths=train.tokens.lengths)
+
+
 def frozen_features(student: Student, tokenizer, texts: list[str], max_length: int,
                     accelerator: Accelerator) -> np.ndarray:
     """(N, H) pooled outputs of the frozen encoder for `texts`, each process encoding its share."""
@@ -276,7 +291,7 @@ def text_stage_data(cfg: RunConfig, index: int, data: StageData, tokenizer, acce
                                                        cfg.student.max_length, accelerator))
 
     return StageData(features(data.train), features(data.dev) if data.dev is not None else None,
-                     collate_features, data.sampler)
+                     collate_features, data.sampler)  # no padding: no length grouping
 
 
 def length_mismatches(cfg: RunConfig) -> list[str]:
@@ -343,14 +358,13 @@ def run(cfg: RunConfig, resume: bool = False) -> Path:
     student, tokenizer = build_student(cfg, target_dim)
     check_dims(cfg, student.head_dims, target_dim or 0)
 
-    train_ds = TargetDataset(corpus.train, arrays, weights)
-    dev_ds = TargetDataset(corpus.dev, arrays, weights, offset=len(corpus.train)) if corpus.dev else None
-    text_data = StageData(train_ds, dev_ds, partial(collate_texts, tokenizer=tokenizer,
-                                                    max_length=cfg.student.max_length))
+    text_data = corpus_stage_data(corpus, arrays, weights, tokenizer, cfg.student.max_length,
+                                accelerator.is_local_main_process) if text_stages else None
 
     def data_for(index: int):
         if cfg.stages[index].data == "text":
-            return partial(text_stage_data, cfg, index, text_data, tokenizer, accelerator), len(train_ds)
+            make = partial(text_stage_data, cfg, index, text_data, tokenizer, accelerator)
+            return make, len(text_data.train)
         make = partial(image_stage_data, cfg, index, pairs, caption_target, tokenizer)
         return make, len(pairs.images)
 

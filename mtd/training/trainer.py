@@ -26,6 +26,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, parse_flag_from_env, set_seed
@@ -36,7 +37,7 @@ from transformers import get_cosine_schedule_with_warmup
 from transformers.integrations import unset_hf_deepspeed_config
 
 from mtd.config import ConfigError, StageConfig, TrainConfig
-from mtd.data.corpus import StepBatchSampler, TargetDataset
+from mtd.data.corpus import LengthGroupedSampler, StepBatchSampler, TargetDataset, padding_share
 from mtd.errors import MtdError
 from mtd.io import (
     DataFormatError,
@@ -47,7 +48,7 @@ from mtd.io import (
     reading_weights,
 )
 from mtd.losses.objective import Objective
-from mtd.models.student import Student, set_train_mode, set_trainable, tokenize
+from mtd.models.student import Student, set_train_mode, set_trainable
 from mtd.training.checkpoints import (
     Checkpoint,
     Position,
@@ -203,10 +204,11 @@ class PreparedStudent:
         return model, optimizer, scheduler
 
 
-def collate_texts(dataset: TargetDataset, indices: list[int], *, tokenizer, max_length: int):
-    """Corpus rows -> ({input_ids, attention_mask}, {"teacher": (B, D_target)})."""
-    texts, target = dataset.collate(indices)
-    return tokenize(tokenizer, texts, max_length), {"teacher": target}
+def collate_tokens(dataset: TargetDataset, indices: list[int]):
+    """Corpus rows -> ({input_ids, attention_mask}, {"teacher": (B, D_target)}): the rows' token
+    ids, computed once for the corpus (dataset.tokens), padded to the batch's longest."""
+    _, target = dataset.collate(indices)
+    return dataset.tokens.pad(indices), {"teacher": target}
 
 
 def collate_features(dataset, indices: list[int]):
@@ -220,13 +222,15 @@ class StageData:
     """What a stage trains on: its datasets and how a list of rows becomes (inputs, targets).
 
     collate(dataset, rows) -> ({model input: tensor}, {target source: (B, D)}); `sampler` orders
-    the rows (a pure function of the step, so resuming replays the same batches).
+    the rows (a pure function of the step, so resuming replays the same batches). `lengths`: each
+    training row's token count, where rows are texts (train.group_by_length groups by it).
     """
 
     train: Any
     dev: Any | None
     collate: Callable
     sampler: type[StepBatchSampler] = StepBatchSampler
+    lengths: np.ndarray | None = None
 
 
 def _forward_global(model, inputs, targets, heads: set[str], device):
@@ -234,27 +238,56 @@ def _forward_global(model, inputs, targets, heads: set[str], device):
     outputs = model(**{k: v.to(device, non_blocking=True) for k, v in inputs.items()})
     # Sorted: a set iterates in per-process hash order, and collectives must match across ranks.
     outputs = {h: gather_with_grad(outputs[h].float()) for h in sorted(heads)}
-    return outputs, {k: gather_with_grad(targets[k].to(device)) for k in sorted(targets)}
+    return outputs, {k: gather_with_grad(targets[k].to(device, non_blocking=True)) for k in sorted(targets)}
 
 
 class _TermMeans:
-    """Running mean of every loss term over the optimizer steps since the last log row.
+    """Running mean of every loss term over the optimizer steps since the last log row, and the
+    first micro-step since then whose loss was not finite.
 
-    Counts its own steps: right after a resume or at a job's stop a row covers fewer than
+    Both stay on the device: reading a value makes the host wait for the accelerator, so they are
+    read only where a row is written or a checkpoint saved (`check`, `pop`), not every step. Sums
+    are float64 (float32 where the device has no float64), as exact as the Python floats they
+    replace. Counts its own steps: right after a resume or at a job's stop a row covers fewer than
     train.log_every steps.
     """
 
-    def __init__(self):
-        self.sums: dict[str, float] = {}
+    def __init__(self, device: torch.device):
+        self.dtype = torch.float32 if device.type == "mps" else torch.float64
+        self.names: list[str] = []
+        self.sums: torch.Tensor | None = None
         self.steps = 0
+        self.bad_step: torch.Tensor | None = None  # 1-based step of the first non-finite loss, or 0
+        self.bad_terms: torch.Tensor | None = None  # its terms
 
-    def add(self, terms: dict[str, float], scale: float) -> None:
-        for k, v in terms.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v * scale
+    def add(self, terms: dict[str, torch.Tensor], scale: float, step: int) -> None:
+        """One micro-step's terms (device scalars) at 1-based optimizer step `step`."""
+        if self.sums is None:
+            self.names = list(terms)
+            self.sums = torch.zeros(len(terms), dtype=self.dtype, device=terms["loss"].device)
+            self.bad_step = torch.zeros((), dtype=torch.int64, device=self.sums.device)
+            self.bad_terms = torch.zeros_like(self.sums)
+        values = torch.stack([terms[k].detach() for k in self.names]).to(self.dtype)
+        self.sums += values * scale
+        first = (self.bad_step == 0) & ~torch.isfinite(terms["loss"].detach())
+        self.bad_step = torch.where(first, step, self.bad_step)
+        self.bad_terms = torch.where(first, values, self.bad_terms)
+
+    def check(self) -> tuple[int, dict[str, float]] | None:
+        """(step, terms) of the first non-finite loss since the last check, or None."""
+        if self.bad_step is None:
+            return None
+        step = int(self.bad_step)
+        if not step:
+            return None
+        return step, dict(zip(self.names, self.bad_terms.tolist(), strict=True))
 
     def pop(self) -> dict[str, float]:
-        row = {k: v / self.steps for k, v in self.sums.items()}
-        self.sums, self.steps = {}, 0
+        if self.sums is None:
+            return {}
+        row = {k: v / self.steps for k, v in zip(self.names, self.sums.tolist(), strict=True)}
+        self.sums.zero_()
+        self.steps = 0
         return row
 
 
@@ -274,10 +307,19 @@ class StageRunner:
         self.objective = Objective.from_stage(stage)
         self.total = stage_steps(stage, n_train, tcfg.grad_accum)
 
+    def _sampler(self, start: int, stop: int, seed: int, batch: int, grouped: bool) -> StepBatchSampler:
+        args = (len(self.data.train), batch, seed, start, stop, self.acc.process_index,
+                self.acc.num_processes)
+        if grouped:
+            return LengthGroupedSampler(*args, lengths=self.data.lengths)
+        return self.data.sampler(*args)
+
     def _loader(self, start: int, stop: int, seed: int, batch: int):
         dataset = self.data.train
-        sampler = self.data.sampler(len(dataset), batch, seed, start, stop,
-                                    self.acc.process_index, self.acc.num_processes)
+        grouped = self.tcfg.group_by_length and self.data.lengths is not None
+        sampler = self._sampler(start, stop, seed, batch, grouped)
+        if self.data.lengths is not None and self.acc.is_main_process:
+            self._log_padding(start, stop, seed, batch)
         # Its own generator: iterating a DataLoader draws a base seed, which from the global RNG
         # would shift the dropout stream of a resumed run (restored RNG state, then one more draw).
         generator = torch.Generator().manual_seed(seed * 1_000_003 + start)
@@ -286,6 +328,14 @@ class StageRunner:
             dataset, batch_sampler=sampler, collate_fn=partial(self.data.collate, dataset),
             num_workers=workers, generator=generator, pin_memory=self.acc.device.type == "cuda",
             persistent_workers=False, prefetch_factor=4 if workers else None)
+
+    def _log_padding(self, start: int, stop: int, seed: int, batch: int) -> None:
+        """Say how much of the stage's token positions are padding, with and without grouping."""
+        shares = [padding_share(self._sampler(start, stop, seed, batch, grouped), self.data.lengths)
+                  for grouped in (False, True)]
+        logger.info("Stage %s: padding is %.1f%% of the tokens in random batches and %.1f%% in "
+                    "length-grouped ones (train.group_by_length=%s).", self.stage.name,
+                    100 * shares[0], 100 * shares[1], str(self.tcfg.group_by_length).lower())
 
     def run(self, start: int, resume_from: Path | None, step_budget: int | None) -> Position:
         set_seed(self.tcfg.seed + self.index)  # a stage starts the same whether resumed or not
@@ -306,7 +356,7 @@ class StageRunner:
                               self.stage.batch_size)
         bar = tqdm(total=self.total, initial=start, desc=f"stage {self.stage.name}",
                    disable=not self.acc.is_local_main_process)
-        means = _TermMeans()
+        means = _TermMeans(self.acc.device)
         step, micro = start, 0
         self._train_mode(model)
         for batch, target in loader:
@@ -316,15 +366,14 @@ class StageRunner:
                 terms = self._micro_step(model, batch, target, step, micro)
                 if self.acc.sync_gradients:
                     self._optimizer_step(model, optimizer, scheduler)
-            means.add(terms, 1 / accum)
+            means.add(terms, 1 / accum, step + 1)
             if not self.acc.sync_gradients:
                 micro += 1
                 continue
             step, micro = step + 1, 0
             means.steps += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{terms['loss']:.4f}")
-            self._after_step(model, step, means, scheduler, stop)
+            self._after_step(model, step, means, scheduler, stop, bar)
         bar.close()
         end = Position(self.index, step, done=step >= self.total, name=self.stage.name)
         if end.done:
@@ -335,18 +384,17 @@ class StageRunner:
         model.train()  # the wrapper too (DDP reads its own flag)
         set_train_mode(self.acc.unwrap_model(model))
 
-    def _micro_step(self, model, batch, target, step: int, micro: int) -> dict[str, float]:
+    def _micro_step(self, model, batch, target, step: int, micro: int) -> dict[str, torch.Tensor]:
+        """Forward, loss and backward of one micro-batch; its loss terms stay on the device (no
+        host sync: a non-finite loss is found by _TermMeans.check before anything is written)."""
         generator = torch.Generator(device=self.acc.device).manual_seed(
             (self.tcfg.seed * 1_000_003 + step) * 64 + micro)  # same pair samples on all ranks
         # The prepared model's forward runs under autocast already; the objective turns it off.
         outputs, target = _forward_global(model, batch, target, self.objective.heads_used,
                                           self.acc.device)
         terms = self.objective(outputs, target, generator=generator)
-        loss = terms["loss"]
-        if not torch.isfinite(loss):
-            self._non_finite(step, terms)
-        self.acc.backward(loss)  # divided by grad_accum there (by the engine under DeepSpeed)
-        return {k: float(v.detach()) for k, v in terms.items()}
+        self.acc.backward(terms["loss"])  # divided by grad_accum there (by the engine under DeepSpeed)
+        return {k: v.detach() for k, v in terms.items()}
 
     def _optimizer_step(self, model, optimizer, scheduler) -> None:
         if self.tcfg.max_grad_norm is not None:
@@ -355,12 +403,23 @@ class StageRunner:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def _after_step(self, model, step: int, means: _TermMeans, scheduler, stop: int) -> None:
-        if step % self.tcfg.log_every == 0 or step == stop:
-            self._log(step, means.pop() | {"lr": scheduler.get_last_lr()[0]})
-        if self.tcfg.eval_every and step % self.tcfg.eval_every == 0 or step == self.total:
+    def _after_step(self, model, step: int, means: _TermMeans, scheduler, stop: int, bar) -> None:
+        log = step % self.tcfg.log_every == 0 or step == stop
+        evaluate = self.tcfg.eval_every and step % self.tcfg.eval_every == 0 or step == self.total
+        save = step < self.total and (step % self.tcfg.save_every == 0 or step == stop)
+        if not (log or evaluate or save):
+            return
+        # Nothing is logged or saved after a non-finite loss (the stage-end save follows a log).
+        bad = means.check()
+        if bad is not None:
+            self._non_finite(*bad)
+        if log:
+            row = means.pop()
+            self._log(step, row | {"lr": scheduler.get_last_lr()[0]})
+            bar.set_postfix(loss=f"{row['loss']:.4f}")
+        if evaluate:
             self._log(step, self.evaluate(model), prefix="dev/")
-        if step < self.total and (step % self.tcfg.save_every == 0 or step == stop):
+        if save:
             _save_mid_stage(self.acc, self.run_dir, Position(self.index, step, name=self.stage.name),
                             self.tcfg.keep_checkpoints, self.fingerprint)
 
@@ -402,11 +461,11 @@ class StageRunner:
         self._train_mode(model)
         return totals
 
-    def _non_finite(self, step: int, terms: dict[str, torch.Tensor]) -> None:
+    def _non_finite(self, step: int, values: dict[str, float]) -> None:
+        """step: 1-based, the optimizer step whose loss was first not finite."""
         last = latest_checkpoint(self.run_dir)
-        values = {k: float(v.detach()) for k, v in terms.items()}
         raise NonFiniteLossError(
-            f"Non-finite loss in stage {self.stage.name!r} at step {step + 1}: {values}. "
+            f"Non-finite loss in stage {self.stage.name!r} at step {step}: {values}. "
             f"Nothing was saved after the last good checkpoint "
             f"({last[0] if last else 'none yet'}). Lower stages.{self.index}.lr, keep "
             "train.max_grad_norm set, or use bf16 rather than fp16; then rerun with --resume."
@@ -571,6 +630,10 @@ def train_stages(accelerator: Accelerator, student: Student, stages: list[StageC
     if found and accelerator.is_main_process:
         logger.info("Resuming from %s", found.path)
     budget = tcfg.max_steps_per_job
+    if tcfg.compile:
+        # In place (nn.Module.compile): parameter names, and so every state_dict, checkpoint and
+        # export, stay those of the plain module (torch.compile(module) would add "_orig_mod.").
+        student.encoder.compile()
     prepared = PreparedStudent(accelerator, student)
     for index in range(pos.stage, len(stages)):
         start = pos.step if index == pos.stage else 0
