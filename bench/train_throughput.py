@@ -41,11 +41,13 @@ import mtd  # noqa: F401  (torchvision shim before transformers loads)
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("data", "forward", "loss", "backward", "optimizer")
-VARIANTS = {  # name: (token ids kept with the corpus, train.group_by_length, loss read every step)
-    "before: per-batch tokenize, loss read every step": (False, False, True),
-    "per-batch tokenize": (False, False, False),
-    "token ids once": (True, False, False),
-    "token ids once, length-grouped": (True, True, False),
+VARIANTS = {  # name: (token ids kept with the corpus, train.group_by_length, loss read every step,
+    #                train.frozen_features: a heads-only stage trains on the frozen encoder's outputs)
+    "before: per-batch tokenize, loss read every step": (False, False, True, False),
+    "per-batch tokenize": (False, False, False, False),
+    "token ids once": (True, False, False, False),
+    "token ids once, length-grouped": (True, True, False, False),
+    "frozen encoder features (heads-only stage)": (True, False, False, True),
 }
 OLD = "before: per-batch tokenize, loss read every step"
 
@@ -178,20 +180,26 @@ def build(args):
     return cfg, {False: per_batch, True: kept}, stages, tokenize_s
 
 
-def one_run(acc, cfg, data, stage, group: bool, read_loss: bool, args, breakdown: bool, work: Path):
+def one_run(acc, cfg, data, stage, variant: tuple, args, breakdown: bool, work: Path):
+    """(seconds of the timed steps, {part: seconds}); the frozen features of a heads-only stage
+    are computed before the timed steps (once per stage: see the table's note)."""
     from accelerate.utils import set_seed
 
-    from mtd.training.pipeline import build_student
+    from mtd.training.pipeline import build_student, text_stage_data
+    from mtd.training.trainer import PreparedStudent
 
+    _, group, read_loss, frozen = variant
     tcfg = dataclasses.replace(cfg.train, group_by_length=group, num_workers=args.workers, eval_every=0,
                                save_every=10**9, max_steps_per_job=None, report_to=None, grad_accum=1,
-                               mixed_precision=args.precision)
+                               mixed_precision=args.precision, frozen_features=frozen)
     stage = dataclasses.replace(stage, steps=args.warmup + args.steps, epochs=None, batch_size=args.batch)
     set_seed(cfg.train.seed)
-    student, _ = build_student(cfg, args.target_dim)
+    student, tokenizer = build_student(cfg, args.target_dim)
+    run_cfg = dataclasses.replace(cfg, train=tcfg, stages=[stage])
+    make_data = partial(text_stage_data, run_cfg, 0, data, tokenizer, acc)
     with tempfile.TemporaryDirectory(dir=work) as run_dir:
-        runner = timed_runner_class()(acc, student, stage, 0, tcfg, lambda _s: data, len(data.train),
-                                      Path(run_dir), {})
+        runner = timed_runner_class()(acc, PreparedStudent(acc, student), stage, 0, tcfg, make_data,
+                                      len(data.train), Path(run_dir), {})
         runner.setup(args.warmup, breakdown, sync=acc.device.type == "cuda", read_loss=read_loss)
         seconds = runner.timed_run()
     return seconds, runner.clock.seconds
@@ -245,14 +253,13 @@ def main() -> None:
             for s, stage in stages.items():
                 order = list(VARIANTS) if r % 2 == 0 else list(reversed(VARIANTS))
                 for v in order:
-                    kept, group, read_loss = VARIANTS[v]
-                    secs, _ = one_run(acc, cfg, data[kept], stage, group, read_loss, args, False, work)
+                    secs, _ = one_run(acc, cfg, data[VARIANTS[v][0]], stage, VARIANTS[v], args, False, work)
                     seconds[(s, v)].append(secs)
                     print(f"repeat {r + 1}, {s}, {v}: {args.steps / secs:.2f} steps/s", flush=True)
         parts, data_ms = {}, {}  # shares of a step; milliseconds a step waits on the loader
         for s, stage in stages.items():
-            for v, (kept, group, read_loss) in VARIANTS.items():
-                secs, split = one_run(acc, cfg, data[kept], stage, group, read_loss, args, True, work)
+            for v, variant in VARIANTS.items():
+                secs, split = one_run(acc, cfg, data[variant[0]], stage, variant, args, True, work)
                 parts[(s, v)] = {p: split[p] / secs for p in PARTS}
                 parts[(s, v)]["other"] = 1 - sum(split.values()) / secs
                 data_ms[(s, v)] = 1000 * split["data"] / args.steps
