@@ -141,8 +141,9 @@ class StageConfig:
     margin: float = num(0.015, ge=0)  # relative-similarity margin
     temperature: float = num(0.05, gt=0)  # nce softmax temperature
     captions: str = "mean"  # images: target = mean of the captions' normalized targets | sample one
-    resim_chunk_size: int = num(1024, ge=1)  # rows of pair-of-pair comparisons held at once
-    resim_samples: int | None = num(None, ge=1)  # sample this many pairs-of-pairs instead of all (big B)
+    # exact resim of batches under 25 (P x P in chunks): rows held at once; bigger ones are O(P log^2 P)
+    resim_chunk_size: int = num(1024, ge=1)
+    resim_samples: int | None = num(None, ge=1)  # estimate resim on this many pairs-of-pairs instead
     lr: float = num(1e-4, gt=0)
     weight_decay: float = num(0.01, ge=0)
     warmup_ratio: float = num(0.05, ge=0, lt=1)  # linear warmup, then cosine decay to 0

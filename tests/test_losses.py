@@ -1,4 +1,5 @@
-"""Tests for mtd.losses.terms: loop references, chunked vs full form, invariants, edge cases."""
+"""Tests for mtd.losses.terms: loop references, chunked and sort-based vs full form, invariants,
+edge cases."""
 
 import math
 
@@ -6,7 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtd.losses.terms import cosine_loss, relative_similarity_loss, similarity_loss
+from mtd.losses.terms import (
+    SORTED_FROM_PAIRS,
+    _ChunkedRankHinge,
+    _pair_sims,
+    _SortedRankHinge,
+    cosine_loss,
+    relative_similarity_loss,
+    similarity_loss,
+)
 
 MARGIN = 0.015
 
@@ -229,4 +238,117 @@ def test_relative_gradcheck(chunk_size):
     assert relative_similarity_loss(s, t).dtype == torch.float64
     assert torch.autograd.gradcheck(
         lambda x: relative_similarity_loss(x, t, chunk_size=chunk_size), (s,), eps=1e-6, atol=1e-7
+    )
+
+
+# 7. Sort-based exact relative loss (batches of SORTED_FROM_PAIRS pairs and more): equal to the
+# (P, P) form and to the chunked one, ties in tt and ss included, in float64 to 1e-10.
+
+
+def _pairs_full_form(ss, tt, margin):
+    """The relative loss on pair similarities from the whole (P, P) matrix, plain autograd."""
+    valid = tt[:, None] > tt[None, :]
+    hinge = torch.relu(ss[None, :] - ss[:, None] + margin)
+    return (hinge * valid).sum() / valid.sum().clamp_min(1)
+
+
+def _pair_values(p, kind, seed):
+    """(ss, tt) of P pairs in [-1, 1], float64. Rounded kinds are multiples of 1/8 or 1/4, so
+    differences and margins of 0.25 are exact and ss[b] - ss[a] + margin hits 0 exactly."""
+    g = torch.Generator().manual_seed(seed)
+    ss = torch.rand(p, generator=g, dtype=torch.float64) * 2 - 1
+    tt = torch.rand(p, generator=g, dtype=torch.float64) * 2 - 1
+    if kind in ("tt_ties", "both_ties"):
+        tt = (tt * 4).round() / 4  # 9 values: large groups of equal tt
+    if kind == "both_ties":
+        ss = (ss * 8).round() / 8
+    if kind == "flat":
+        tt = torch.full_like(tt, 0.5)  # no (a, b) with tt[a] > tt[b]: N = 0
+    return ss, tt
+
+
+def _value_and_grad(fn, ss, tt):
+    ss = ss.clone().requires_grad_(True)
+    loss = fn(ss, tt)
+    (grad,) = torch.autograd.grad(loss, ss)
+    return loss.detach(), grad
+
+
+@pytest.mark.parametrize("p", [1, 2, 3, 45, 300, 1025])
+@pytest.mark.parametrize("kind", ["distinct", "tt_ties", "both_ties", "flat"])
+@pytest.mark.parametrize("margin", [0.0, MARGIN, 0.25])
+def test_sorted_equals_full_form_and_chunked(p, kind, margin):
+    ss, tt = _pair_values(p, kind, seed=p)
+    got = _value_and_grad(lambda s, t: _SortedRankHinge.apply(s, t, margin), ss, tt)
+    full = _value_and_grad(lambda s, t: _pairs_full_form(s, t, margin), ss, tt)
+    chunked = _value_and_grad(lambda s, t: _ChunkedRankHinge.apply(s, t, margin, 64), ss, tt)
+    for want in (full, chunked):
+        torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=0)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-10, atol=1e-15)  # 0 vs rounding
+    if kind == "flat" or p < 3:
+        assert got[0] == 0 and torch.all(got[1] == 0)
+    else:  # the comparisons above are not between two zero results
+        assert got[0] > 0.01 and got[1].abs().max() > 0
+
+
+def test_sorted_counts_hinges_at_exactly_zero_as_inactive():
+    # ss[b] - ss[a] + margin == 0 exactly for (a, b) = (pair 1, pair 0): inactive, no gradient;
+    # a searchsorted on the wrong side would count it.
+    ss = torch.tensor([0.25, 0.5, 0.0, 0.75], dtype=torch.float64)
+    tt = torch.tensor([0.0, 1.0, 2.0, 3.0], dtype=torch.float64)
+    for margin in (0.25, 0.0):
+        got = _value_and_grad(lambda s, t, m=margin: _SortedRankHinge.apply(s, t, m), ss, tt)
+        want = _value_and_grad(lambda s, t, m=margin: _pairs_full_form(s, t, m), ss, tt)
+        torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("b", [24, 25, 40])
+def test_relative_with_duplicate_rows_equals_full_form(b):
+    # B = 24 is the last chunked batch, 25 the first sort-based one; duplicated rows give
+    # exactly equal pair similarities.
+    assert (b * (b - 1) // 2 >= SORTED_FROM_PAIRS) == (b >= 25)
+    s, t = _batch(b, seed=11, dtype=torch.float64)
+    t[1::3] = t[0::3][: len(t[1::3])]  # ties in tt
+    s[b // 2 :: 4] = s[b // 2]  # ties in ss
+    got = _value_and_grad(lambda x, y: relative_similarity_loss(x, y), s, t)
+    want = _value_and_grad(_full_form, s, t)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=0)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-10, atol=1e-14)
+    assert want[1].abs().max() > 1e-3
+
+
+def test_relative_sorted_path_all_equal_targets_is_zero_with_backward():
+    s, _ = _batch(30)
+    s.requires_grad_(True)
+    loss = relative_similarity_loss(s, torch.ones(30, 12))  # every target sim is the same
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.all(s.grad == 0)
+
+
+def test_sorted_float32_matches_chunked():
+    s, t = _batch(64, seed=12)
+    ss, tt = _pair_sims(F.normalize(s, dim=-1)), _pair_sims(F.normalize(t, dim=-1))
+    got = _value_and_grad(lambda x, y: _SortedRankHinge.apply(x, y, MARGIN), ss, tt)
+    want = _value_and_grad(lambda x, y: _ChunkedRankHinge.apply(x, y, MARGIN, 1024), ss, tt)
+    assert got[0].dtype == got[1].dtype == torch.float32
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(got[1], want[1])
+
+
+def test_sorted_scales_with_grad_output():
+    ss, tt = _pair_values(50, "tt_ties", seed=13)
+    g1 = _value_and_grad(lambda s, t: _SortedRankHinge.apply(s, t, MARGIN), ss, tt)[1]
+    g3 = _value_and_grad(lambda s, t: 3.0 * _SortedRankHinge.apply(s, t, MARGIN), ss, tt)[1]
+    torch.testing.assert_close(g3, 3.0 * g1)
+
+
+def test_sorted_gradcheck():
+    s, t = _gradcheck_inputs()
+    tt = _pair_sims(F.normalize(t, dim=-1))
+    s.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda x: _SortedRankHinge.apply(_pair_sims(F.normalize(x, dim=-1)), tt, MARGIN),
+        (s,), eps=1e-6, atol=1e-7,
     )
