@@ -69,8 +69,10 @@ def test_self_distillation_target_sends_no_gradient_to_its_source(config, probe)
 def test_encoder_dropout_only_where_the_encoder_trains(config, probe, train, dropout_on):
     """Heads-only stages read frozen features: the encoder in eval mode (no dropout noise) at every
     step, also after a dev evaluation; stages that train the encoder keep its dropout."""
+    # The per-step encoder (train.frozen_features computes a heads-only stage's features once,
+    # in eval mode too: test_trainer's frozen-features test).
     cfg = config(f"stages.0.train={train}", "stages.0.steps=3", "train.eval_every=1",
-                 "student.model_config.hidden_dropout_prob=0.3",
+                 "train.frozen_features=false", "student.model_config.hidden_dropout_prob=0.3",
                  "student.model_config.attention_probs_dropout_prob=0.3")
     seen = probe(steps=3).run(cfg)
     assert len(seen.students) == 3
