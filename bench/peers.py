@@ -192,10 +192,10 @@ def st_student(cfg: RunConfig, out_dim: int):
     import torch
     from sentence_transformers import SentenceTransformer, models
 
+    from mtd.hf import resolve_model
     from mtd.models.student import keep_layers
-    from mtd.targets.teachers import resolve_model_folder
 
-    folder = resolve_model_folder(cfg.student.path, what="student")
+    folder = resolve_model(cfg.student.path, "student.path")
     base = SentenceTransformer(str(folder), device="cpu")
     keep_layers(base.transformers_model, cfg.student.layers)
     base[0].max_seq_length = cfg.student.max_length
@@ -421,9 +421,9 @@ def lineup(setup: Setup, students: list[Path], work: Path, smoke: bool) -> Lineu
 
 
 def resolve(path: str) -> Path:
-    from mtd.targets.teachers import resolve_model_folder
+    from mtd.hf import resolve_model
 
-    return resolve_model_folder(path)
+    return resolve_model(path, "a teacher of the run")
 
 
 # ---------------------------------------------------------------------------------------------

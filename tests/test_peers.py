@@ -53,3 +53,15 @@ def test_mtd_throughput_timing_trains_the_stage(peers, config, tmp_path):
     assert seconds > 0
     log = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
     assert '"step": 3' in log[-1] and '"fc1/resim"' in log[-1]
+
+
+def test_st_recipe_student_is_the_cut_teacher_with_a_linear_head(peers):
+    """The sentence-transformers peer starts from the mtd student's encoder (the teacher folder,
+    resolved as mtd resolves it, cut to the run's layers) plus a Dense to the target size."""
+    from mtd.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "default.yaml")
+    model = peers.st_student(cfg, 1152)
+    assert len(model.transformers_model.encoder.layer) == len(cfg.student.layers)
+    assert model.encode(["a short test sentence"]).shape == (1, 1152)
+    assert peers.resolve(cfg.teachers[1].path).name == "all-mpnet-base-v2"
