@@ -97,6 +97,10 @@ class DataConfig:
     shuffle: bool = True  # shuffle once before taking max_texts / dev rows, so both are random
     dev_size: int = num(0, ge=0)  # texts held out for periodic dev evaluation and agreement scores
     max_chars: int = num(20_000, ge=1)  # longer texts are cut to this many characters (warned, counted)
+    # share of the texts of 2+ sentences replaced by their chunks of consecutive sentences (0: off)
+    chunk_share: float = num(0.0, ge=0, le=1)
+    # [min, max] sentences per chunk, each chunk's size drawn uniformly (the last takes the rest)
+    chunk_sentences: list[int] = num(factory=lambda: [1, 10], ge=1)
     seed: int = num(0, **SEED)
 
 
@@ -604,6 +608,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"Teacher names must be unique, got {names}.")
     if not cfg.data.corpus and any(s.data == "text" for s in cfg.stages):
         raise ConfigError("data.corpus is empty: list one or more .txt or .jsonl files.")
+    low_high = cfg.data.chunk_sentences
+    if len(low_high) != 2 or low_high[0] > low_high[1]:
+        raise ConfigError(f"data.chunk_sentences={low_high}: give [min, max] sentences per chunk "
+                          "with min <= max, e.g. [1, 10].")
     if cfg.student.init not in STUDENT_INITS:
         raise ConfigError(f"student.init={cfg.student.init!r}: use one of {', '.join(STUDENT_INITS)}.")
     if cfg.student.init != "scratch" and not cfg.student.path:

@@ -11,11 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from mtd.config import DataConfig
 from mtd.data.tokens import TokenizedTexts
 from mtd.errors import MtdError
 
 logger = logging.getLogger(__name__)
+
+SPLIT_PROGRESS_FROM = 10_000  # texts from which sentence splitting shows a progress bar
 
 
 class CorpusError(MtdError, ValueError):
@@ -59,6 +63,59 @@ def _read_lines(path: Path, text_field: str) -> list[str]:
     return texts
 
 
+def split_sentences(texts: Sequence[str]) -> list[list[str]]:
+    """Each text's sentences (pysbd's English rules), stripped, blank ones left out. A text whose
+    sentences do not hold all its characters (pysbd drops some around a few symbols, e.g. "B♭")
+    is one sentence: it is never cut."""
+    import pysbd  # only runs that cut texts into chunks need it
+
+    segmenter = pysbd.Segmenter(language="en", clean=False)
+    out, lossy = [], 0
+    for text in tqdm(texts, desc="split sentences", unit="texts",
+                     disable=len(texts) <= SPLIT_PROGRESS_FROM):
+        parts = [s for s in map(str.strip, segmenter.segment(text)) if s]
+        if "".join("".join(parts).split()) != "".join(text.split()):
+            parts, lossy = [text], lossy + 1
+        out.append(parts)
+    if lossy:
+        logger.info("%d texts stay whole: their sentences, as pysbd splits them, miss characters.", lossy)
+    return out
+
+
+def chunk_texts(texts: Sequence[str], share: float, sentences: Sequence[int] = (1, 10),
+                seed: int = 0) -> list[str]:
+    """`texts` with `share` of those of 2+ sentences replaced, in place, by their chunks of
+    consecutive sentences (joined with a space), each chunk's size drawn uniformly from
+    [min, max] = `sentences` (the last takes what is left). Which texts and where they are cut
+    depend only on (texts, share, sentences, seed)."""
+    if len(sentences) != 2 or not 1 <= sentences[0] <= sentences[1]:
+        raise CorpusError(f"Chunk sizes {list(sentences)}: give [min, max] sentences per chunk with "
+                          "1 <= min <= max (data.chunk_sentences), e.g. [1, 10].")
+    if not 0 <= share <= 1:
+        raise CorpusError(f"Chunk share {share}: give a share in [0, 1] (data.chunk_share), e.g. 0.3.")
+    if share == 0:
+        return list(texts)
+    split = split_sentences(texts)
+    several = [i for i, parts in enumerate(split) if len(parts) >= 2]
+    rng = random.Random(f"chunks {seed}")
+    picked = set(rng.sample(several, round(share * len(several))))
+    low, high = sentences
+    out: list[str] = []
+    for i, text in enumerate(texts):
+        if i not in picked:
+            out.append(text)
+            continue
+        parts, start = split[i], 0
+        while start < len(parts):
+            size = rng.randint(low, high)
+            out.append(" ".join(parts[start:start + size]))
+            start += size
+    logger.info("Cut %d of the %d texts of 2+ sentences (data.chunk_share=%g) into %d chunks of "
+                "%d-%d sentences: %d texts in all.", len(picked), len(several), share,
+                len(out) - len(texts) + len(picked), low, high, len(out))
+    return out
+
+
 def read_corpus(
     paths: Sequence[str | Path],
     *,
@@ -68,8 +125,11 @@ def read_corpus(
     max_chars: int = 20_000,
     shuffle: bool = True,
     seed: int = 0,
+    chunk_share: float = 0.0,
+    chunk_sentences: Sequence[int] = (1, 10),
 ) -> Corpus:
-    """Read texts, drop blank ones, cut huge ones, shuffle once, split off `dev_size` dev texts."""
+    """Read texts, drop blank ones, cut huge ones, cut `chunk_share` of those of several sentences
+    into chunks (chunk_texts), shuffle once, split off `dev_size` dev texts."""
     texts: list[str] = []
     for p in map(Path, paths):
         if not p.is_file():
@@ -85,6 +145,7 @@ def read_corpus(
     if long:
         logger.warning("Cut %d texts longer than %d characters (data.max_chars).", long, max_chars)
         texts = [t[:max_chars] for t in texts]
+    texts = chunk_texts(texts, chunk_share, chunk_sentences, seed)
     if shuffle:
         random.Random(seed).shuffle(texts)
     if max_texts is not None:
@@ -96,6 +157,14 @@ def read_corpus(
         )
     cut = len(texts) - dev_size
     return Corpus(train=texts[:cut], dev=texts[cut:])
+
+
+def corpus_of(data: DataConfig) -> Corpus:
+    """The corpus as a run with these data settings reads and splits it."""
+    return read_corpus(data.corpus, text_field=data.text_field, max_texts=data.max_texts,
+                       dev_size=data.dev_size, max_chars=data.max_chars, shuffle=data.shuffle,
+                       seed=data.seed, chunk_share=data.chunk_share,
+                       chunk_sentences=data.chunk_sentences)
 
 
 def multi_teacher_target(

@@ -27,7 +27,7 @@ import pandas as pd
 from scipy import stats
 
 from mtd.config import RunConfig, TeacherConfig
-from mtd.data.corpus import multi_teacher_target, read_corpus
+from mtd.data.corpus import corpus_of, multi_teacher_target
 from mtd.errors import MtdError
 from mtd.evaluation import sts, suite
 from mtd.evaluation.specs import StudentHeadEncoder, TeacherEncoder, cached_encode
@@ -358,9 +358,7 @@ class Pairs:
 
 def dev_text_pairs(cfg: RunConfig, limit: int = DEV_PAIRS) -> Pairs:
     """The run's held-out dev texts (as the run split them off) paired in order: 1-2, 3-4, ..."""
-    d = cfg.data
-    dev = read_corpus(d.corpus, text_field=d.text_field, max_texts=d.max_texts, dev_size=d.dev_size,
-                      max_chars=d.max_chars, shuffle=d.shuffle, seed=d.seed).dev
+    dev = corpus_of(cfg.data).dev
     n = min(len(dev) // 2, limit)
     if n < 2:
         raise AnalysisError(f"The run holds out {len(dev)} dev texts (data.dev_size), too few to pair. "

@@ -19,7 +19,7 @@ from accelerate.utils import set_seed
 
 from mtd.config import RunConfig, check_batch_sizes, check_dims, check_saved_config, dump_config
 from mtd.data import images
-from mtd.data.corpus import Corpus, FeatureDataset, TargetDataset, multi_teacher_target, read_corpus
+from mtd.data.corpus import Corpus, FeatureDataset, TargetDataset, corpus_of, multi_teacher_target
 from mtd.data.tokens import TokenizedTexts
 from mtd.evaluation import report
 from mtd.export import export_student
@@ -69,9 +69,7 @@ MAX_FROZEN_BYTES = 4 << 30
 
 
 def load_corpus(cfg: RunConfig) -> Corpus:
-    d = cfg.data
-    return read_corpus(d.corpus, text_field=d.text_field, max_texts=d.max_texts,
-                       dev_size=d.dev_size, max_chars=d.max_chars, shuffle=d.shuffle, seed=d.seed)
+    return corpus_of(cfg.data)
 
 
 def student_folder(cfg: RunConfig) -> str | None:
