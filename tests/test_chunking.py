@@ -11,7 +11,7 @@ import pytest
 
 from mtd.config import ConfigError, load_config
 from mtd.data import corpus as corpus_module
-from mtd.data.corpus import CorpusError, chunk_texts, read_corpus, split_sentences
+from mtd.data.corpus import CorpusError, chunk_texts, corpus_of, read_corpus, split_sentences
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -161,3 +161,13 @@ def test_read_corpus_cuts_before_shuffling_and_the_dev_split(tmp_path):
     assert sorted(c.texts) == sorted(s for parts in split_sentences(docs) for s in parts)
     assert c == read_corpus([path], dev_size=20, chunk_share=1.0, chunk_sentences=(1, 1), seed=3)
     assert len(c.dev) == 20  # dev rows are taken from the chunks
+
+
+def test_a_runs_data_settings_reach_the_corpus(tmp_path):
+    docs = _docs(60)
+    path = tmp_path / "c.txt"
+    path.write_text("\n".join(docs) + "\n", encoding="utf-8")
+    cfg = load_config(TINY, [f"data.corpus=[{path}]", "data.dev_size=20", "data.seed=3",
+                             "data.chunk_share=1", "data.chunk_sentences=[1,1]"])
+    assert corpus_of(cfg.data) == read_corpus([path], dev_size=20, chunk_share=1.0,
+                                              chunk_sentences=(1, 1), seed=3)
