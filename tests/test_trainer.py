@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 
 import mtd.losses.objective
 from mtd.config import ConfigError, dump_config, load_config
-from mtd.models.student import encode, load_student
+from mtd.data.tokens import TokenizedTexts
+from mtd.models.student import encode, load_student, pooled_features
 from mtd.training import pipeline, trainer
 from mtd.training.trainer import NonFiniteLossError, latest_checkpoint
 
@@ -536,13 +537,14 @@ def test_heads_only_stage_trains_on_frozen_features_computed_once(config, monkey
     """Stage 1 (train: heads) runs the frozen encoder once over the texts, not at every step, and
     trains exactly as the per-step encoder did (up to rounding: padding differs per batch)."""
     encoded = []
-    real = pipeline.pooled_features
+    real = pipeline.pooled_features_of
 
-    def counting(student, tokenizer, texts, *args, **kwargs):
-        encoded.append(len(texts))
-        return real(student, tokenizer, texts, *args, **kwargs)
+    def counting(student, sizes, *args, **kwargs):
+        encoded.append(len(sizes))
+        return real(student, sizes, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "pooled_features", counting)
+    monkeypatch.setattr(pipeline, "pooled_features_of", counting)
+    monkeypatch.setattr(pipeline, "pooled_features", None)  # the texts' token ids are kept: no tokenizing
     a = pipeline.run(config("name=a", *FAST))
     cfg = config("name=a")
     assert encoded == [len(pipeline.load_corpus(cfg).train), cfg.data.dev_size]  # stage 1 only
@@ -552,6 +554,25 @@ def test_heads_only_stage_trains_on_frozen_features_computed_once(config, monkey
     assert_same_rows(train_rows(read_log(a)), train_rows(read_log(b)), rel=1e-4)
     assert_same_rows(dev_rows(read_log(a)), dev_rows(read_log(b)), rel=1e-4)
     assert_same_function(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize("world, rank", [(1, 0), (2, 0), (2, 1)])
+def test_frozen_features_from_kept_token_ids_are_those_of_the_texts(tiny_config, world, rank):
+    """Each process's share of the frozen features, from the dataset's token ids (no tokenizer),
+    equals pooled_features of its texts bit for bit: the same batches, padded the same way."""
+    cfg = tiny_config()
+    student, tokenizer = pipeline.build_student(cfg, 32 + 48)
+    texts = pipeline.load_corpus(cfg).train[:151]
+    tokens = TokenizedTexts.build(tokenizer, texts, cfg.student.max_length, progress=False)
+    accelerator = SimpleNamespace(num_processes=world, process_index=rank, is_local_main_process=False,
+                                  device="cpu", gather=lambda part: part)  # only this process's rows
+    kept = pipeline.frozen_features(student, None, texts, cfg.student.max_length, accelerator, tokens)
+    per = -(-len(texts) // world)
+    mine = texts[rank * per:(rank + 1) * per]
+    again = pooled_features(student, tokenizer, mine, cfg.student.max_length, progress=False)
+    assert np.array_equal(kept[:len(mine)], again)
+    assert np.array_equal(again, pipeline.frozen_features(student, tokenizer, texts, cfg.student.max_length,
+                                                          accelerator)[:len(mine)])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ vectors and nothing else; losses and training live elsewhere.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -269,20 +270,29 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Te
 
 
 @torch.no_grad()
-def _encode_texts(student: Student, tokenizer, texts: list[str], vectors, dim: int, max_length: int,
-                  batch_size: int, progress: bool, desc: str) -> np.ndarray:
-    """(N, dim) float32 rows of vectors(student, batch), in eval mode, batches sorted by length."""
+def _encode_rows(student: Student, sizes: Sequence[int], batch_of, vectors, dim: int, batch_size: int,
+                 progress: bool, desc: str) -> np.ndarray:
+    """(N, dim) float32 rows of vectors(student, batch_of(rows)), in eval mode, the rows in batches
+    by decreasing `sizes`."""
     was_training = student.training
     student.eval()
     device = next(student.parameters()).device
-    order = np.argsort([-len(t) for t in texts], kind="stable")
-    out = np.empty((len(texts), dim), dtype=np.float32)
-    for start in tqdm(range(0, len(texts), batch_size), disable=not progress, desc=desc):
+    order = np.argsort([-n for n in sizes], kind="stable")
+    out = np.empty((len(sizes), dim), dtype=np.float32)
+    for start in tqdm(range(0, len(sizes), batch_size), disable=not progress, desc=desc):
         idx = order[start : start + batch_size]
-        batch = {k: v.to(device) for k, v in tokenize(tokenizer, [texts[i] for i in idx], max_length).items()}
+        batch = {k: v.to(device) for k, v in batch_of(idx).items()}
         out[idx] = vectors(student, batch).float().cpu().numpy()
     student.train(was_training)
     return out
+
+
+def _encode_texts(student: Student, tokenizer, texts: list[str], vectors, dim: int, max_length: int,
+                  batch_size: int, progress: bool, desc: str) -> np.ndarray:
+    """(N, dim) float32 rows of vectors(student, batch), in eval mode, batches sorted by length."""
+    return _encode_rows(student, [len(t) for t in texts],
+                        lambda idx: tokenize(tokenizer, [texts[i] for i in idx], max_length),
+                        vectors, dim, batch_size, progress, desc)
 
 
 def encode(student: Student, tokenizer, texts: list[str], head: str, max_length: int,
@@ -300,9 +310,21 @@ def pooled_features(student: Student, tokenizer, texts: list[str], max_length: i
     """(N, H) float32 mean-pooled encoder outputs in eval mode: while the encoder is frozen (a
     heads-only stage) exactly what every training step would compute again, so a stage can compute
     them once and train its heads on them (`forward(pooled=...)`)."""
-    return _encode_texts(student, tokenizer, texts, lambda model, batch: model.pool(**batch),
-                         student.encoder.config.hidden_size, max_length, batch_size, progress,
-                         "frozen encoder features")
+    return _encode_texts(student, tokenizer, texts, _pool, student.encoder.config.hidden_size,
+                         max_length, batch_size, progress, "frozen encoder features")
+
+
+def pooled_features_of(student: Student, sizes: Sequence[int], batch_of, batch_size: int = 64,
+                       progress: bool = True) -> np.ndarray:
+    """pooled_features of rows given as token ids: batch_of(rows) -> {"input_ids",
+    "attention_mask"} of those rows, padded (e.g. tokens.TokenizedTexts.pad), batched by
+    decreasing `sizes` (the texts' lengths in characters give pooled_features' batches)."""
+    return _encode_rows(student, sizes, batch_of, _pool, student.encoder.config.hidden_size,
+                        batch_size, progress, "frozen encoder features")
+
+
+def _pool(model: Student, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model.pool(**batch)
 
 
 def vision_parts(mode: str) -> list[str]:

@@ -33,6 +33,7 @@ from mtd.models.student import (
     encode,
     load_student,
     pooled_features,
+    pooled_features_of,
     resolve_head_dims,
     save_student,
     student_from_sentence_transformer,
@@ -255,12 +256,17 @@ def corpus_stage_data(corpus: Corpus, arrays: list[np.ndarray], weights: list[fl
 
 
 def frozen_features(student: Student, tokenizer, texts: list[str], max_length: int,
-                    accelerator: Accelerator) -> np.ndarray:
-    """(N, H) pooled outputs of the frozen encoder for `texts`, each process encoding its share."""
+                    accelerator: Accelerator, tokens: TokenizedTexts | None = None) -> np.ndarray:
+    """(N, H) pooled outputs of the frozen encoder for `texts`, each process encoding its share:
+    from their kept token ids when given (the same batches as tokenizing them again)."""
     world, rank = accelerator.num_processes, accelerator.process_index
     per = -(-len(texts) // world)
-    mine = pooled_features(student, tokenizer, texts[rank * per:(rank + 1) * per], max_length,
-                           progress=accelerator.is_local_main_process)
+    first, progress = rank * per, accelerator.is_local_main_process
+    if tokens is None:
+        mine = pooled_features(student, tokenizer, texts[first:first + per], max_length, progress=progress)
+    else:
+        mine = pooled_features_of(student, [len(t) for t in texts[first:first + per]],
+                                  lambda rows: tokens.pad(first + rows), progress=progress)
     if world == 1:
         return mine
     part = torch.zeros(per, mine.shape[1], device=accelerator.device)
@@ -286,7 +292,7 @@ def text_stage_data(cfg: RunConfig, index: int, data: StageData, tokenizer, acce
 
     def features(dataset):
         return FeatureDataset(dataset, frozen_features(student, tokenizer, list(dataset.texts),
-                                                       cfg.student.max_length, accelerator))
+                                                       cfg.student.max_length, accelerator, dataset.tokens))
 
     return StageData(features(data.train), features(data.dev) if data.dev is not None else None,
                      collate_features, data.sampler)  # no padding: no length grouping
