@@ -6,6 +6,9 @@ loading it, encoding, normalizing, writing float16 chunks and markers, validatin
 The encode side gets its model preloaded. Ratio = cache texts/s / encode texts/s (aim >= 0.95).
 
     python bench/cache_speed.py [--teacher models/all-MiniLM-L6-v2] [--texts 4000] [--repeats 3]
+                                [--corpus FILE] [--batch-size 64] [--device cpu|cuda] [--out FILE]
+
+Prints the result as JSON, and writes it to --out when given.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 import torch
 
 from mtd.config import TeacherConfig
+from mtd.io import atomic_write_json
 from mtd.targets.cache import build_teacher_cache
 from mtd.targets.teachers import load_teacher, teacher_folder
 
@@ -34,12 +38,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the teacher runs")
+    parser.add_argument("--out", type=Path, default=None, help="also write the result JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     texts = Path(args.corpus).read_text(encoding="utf-8").splitlines()[: args.texts]
     cfg = TeacherConfig(name="bench", path=args.teacher, batch_size=args.batch_size)
-    model = load_teacher(cfg, teacher_folder(cfg), device="cpu")
+    model = load_teacher(cfg, teacher_folder(cfg), device=args.device)
     model.encode(texts[:128], batch_size=args.batch_size)  # warm up kernels and allocator
 
     encode_s, cache_s = [], []
@@ -49,11 +55,14 @@ def main() -> None:
         encode_s.append(time.perf_counter() - t0)
         with tempfile.TemporaryDirectory() as root:
             t0 = time.perf_counter()
-            build_teacher_cache(cfg, texts, root, device="cpu")
+            build_teacher_cache(cfg, texts, root, device=args.device)
             cache_s.append(time.perf_counter() - t0)
 
     result = {
         "teacher": args.teacher,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {args.threads} threads",
+        "torch": torch.__version__,
+        "batch_size": args.batch_size,
         "texts": len(texts),
         "threads": args.threads,
         "encode_texts_per_s": len(texts) / statistics.median(encode_s),
@@ -63,6 +72,8 @@ def main() -> None:
         "cache_seconds": cache_s,
     }
     print(json.dumps(result, indent=2))
+    if args.out:
+        atomic_write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,3 +57,27 @@ def test_safetensors_are_read_through_one_helper(path):
     assert "load_file(" not in text and "safe_open(" not in text, (
         f"{path.relative_to(MTD)}: read safetensors with mtd.io.load_safetensors (or wrap a library "
         "load in mtd.io.reading_weights)")
+
+
+# Packages only some evaluations use, which a GPU machine may lack: training, the cache CLI and the
+# end-of-run report must import without them.
+EVAL_ONLY = ("faiss", "pytrec_eval", "open_clip")
+
+
+def test_training_imports_without_evaluation_only_packages():
+    hide = "".join(f"sys.modules[{name!r}] = None; " for name in EVAL_ONLY)  # import raises ImportError
+    code = f"import sys; {hide}import mtd.training.pipeline, mtd.cache, mtd.evaluation.report, train"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=MTD.parent, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("path", sorted(MTD.rglob("*.py")), ids=lambda p: str(p.relative_to(MTD)))
+def test_datasets_is_imported_only_where_used(path):
+    """`datasets` (hub data sets, image sets from the hub) is imported inside the functions that use
+    it, never at a module's top, so machines without it train and evaluate local data."""
+    top = [n for n in ast.parse(path.read_text()).body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    names = [a.name for n in top if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module for n in top if isinstance(n, ast.ImportFrom) and n.module]
+    assert not [n for n in names if n.partition(".")[0] == "datasets"], (
+        f"{path.relative_to(MTD)} imports datasets at the top: import it inside the function using it")

@@ -19,7 +19,6 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import faiss
 import numpy as np
 
 from mtd.data.image_text import (  # noqa: F401  (loading lives in data; re-exported here)
@@ -76,6 +75,8 @@ def _check_caption_image(caption_image: Any, n_img: int, n_txt: int) -> np.ndarr
 
 def _top_k(base: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     """Indices (N_query, k) of the k largest inner products in ``base``, best first (exact)."""
+    import faiss  # here, not at the top: the end-of-run report imports this module without needing it
+
     index = faiss.IndexFlatIP(base.shape[1])
     index.add(base)
     _, idx = index.search(queries, k)
