@@ -15,8 +15,8 @@
 # Usage: [ROOT_W=/root/w] [OUT=DIR] bash bench/gpu_checks.sh MODE
 #   bench    (planned ~5 min) device facts; training steps/s in bf16 at batch 256 (the student of
 #            configs/default.yaml, heads-only and all-parameter stages, every input pipeline, with
-#            the split of a step into data / forward / loss / backward / optimizer), then the all-parameter
-#            stage with cos alone; the exact resim loss at batch 256 and 1024 (time, peak memory);
+#            the split of a step into data / forward / loss / backward / optimizer), then the
+#            all-parameter stage with cos alone; the exact resim loss at batch 256 and 1024 (time, peak memory);
 #            target-cache fill beside SentenceTransformer.encode for both teachers (20k texts,
 #            batch 256); FSDP on one GPU through accelerate launch (20 steps a stage, export).
 #            BENCH_SECONDS (default 420) bounds the whole; steps that no longer fit are skipped.
@@ -29,8 +29,8 @@
 #            and ../shared/data (ROOT_W defaults to a temporary folder of links to them), faiss,
 #            pytrec_eval and open_clip hidden as on the GPU machine: tests this script.
 # Results (at most 8 files, what a call to the GPU machine returns): $OUT/summary-MODE.json
-# (each step's status, seconds and results), $OUT/MODE-files.tar.gz (each step's log and JSON), and for full modes the
-# student's final/ in float16 as $OUT/MODE-student.tar.NN (FULL_STUDENT=0: not); here:
+# (each step's status, seconds and results), $OUT/MODE-files.tar.gz (each step's log and JSON),
+# and for full modes the student's final/ in float16 as $OUT/MODE-student.tar.NN (FULL_STUDENT=0: not); here:
 #     cat MODE-student.tar.* | tar x    ->  student-fp16/, a sentence-transformers folder
 # OUT defaults to $OUT, else bench/results/gpu (smoke: ${TMPDIR:-/tmp}/mtd-gpu-smoke).
 set -euo pipefail
