@@ -16,8 +16,8 @@
 #   bench    (planned ~5 min) device facts; training steps/s in bf16 at batch 256 (the student of
 #            configs/default.yaml, heads-only and all-parameter stages, every input pipeline, with
 #            the split of a step into data / forward / loss / backward / optimizer), then the
-#            all-parameter stage with cos alone; the exact resim loss at batch 256 and 1024 (time, peak memory);
-#            target-cache fill beside SentenceTransformer.encode for both teachers (20k texts,
+#            all-parameter stage with cos alone; the exact resim loss at batch 256 and 1024 (time,
+#            peak memory); target-cache fill beside SentenceTransformer.encode for both teachers (20k texts,
 #            batch 256); FSDP on one GPU through accelerate launch (20 steps a stage, export).
 #            BENCH_SECONDS (default 420) bounds the whole; steps that no longer fit are skipped.
 #   full     python train.py configs/full.yaml on $ROOT_W's teachers, corpora and STS sets, the
@@ -153,7 +153,8 @@ tmp = out.with_name(out.name + ".tmp")
 tmp.write_text(json.dumps(summary, indent=1) + "\n")
 tmp.replace(out)
 PY
-  tar czf "$OUT/$MODE-files.tar.gz.tmp" -C "$WORK" "$MODE" && mv -f "$OUT/$MODE-files.tar.gz.tmp" "$OUT/$MODE-files.tar.gz"
+  tar czf "$OUT/$MODE-files.tar.gz.tmp" -C "$WORK" "$MODE"
+  mv -f "$OUT/$MODE-files.tar.gz.tmp" "$OUT/$MODE-files.tar.gz"
 }
 
 # step NAME LIMIT RESULTS CMD...: run CMD (stdin passed on) for at most LIMIT seconds (less if the
@@ -302,10 +303,11 @@ import sys
 from pathlib import Path
 
 run = Path(sys.argv[1])
-rows = [json.loads(line) for line in (run / "log.jsonl").open()] if (run / "log.jsonl").is_file() else []
-progress = {"finished": (run / "results.json").is_file(), "log_rows": len(rows), "last_log_row": rows[-1] if rows else None,
-            "checkpoints": sorted(p.name for p in (run / "checkpoints").iterdir()) if (run / "checkpoints").is_dir() else [],
-            "results": json.loads((run / "results.json").read_text()) if (run / "results.json").is_file() else None}
+log, results, checkpoints = run / "log.jsonl", run / "results.json", run / "checkpoints"
+rows = [json.loads(line) for line in log.open()] if log.is_file() else []
+progress = {"finished": results.is_file(), "log_rows": len(rows), "last_log_row": rows[-1] if rows else None,
+            "checkpoints": sorted(p.name for p in checkpoints.iterdir()) if checkpoints.is_dir() else [],
+            "results": json.loads(results.read_text()) if results.is_file() else None}
 Path(sys.argv[2]).write_text(json.dumps(progress, indent=1))
 print(json.dumps(progress, indent=1)[:3000])
 sys.exit(0 if progress["finished"] else 1)
