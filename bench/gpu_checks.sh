@@ -22,8 +22,9 @@
 #            BENCH_SECONDS (default 420) bounds the whole; steps that no longer fit are skipped.
 #   full     python train.py configs/full.yaml on $ROOT_W's teachers, corpora and STS sets, the
 #            target caches filled first (python -m mtd.cache). Stops after FULL_SECONDS (default
-#            520) and then collects (under 10 minutes in all); run it again at once (same machine, within its warm window) to --resume
-#            from the last checkpoint (train.save_every=250). The run stays in $ROOT_W/runs/NAME.
+#            520), then collects: under 10 minutes in all. Run it again at once (same machine,
+#            within its warm window) to --resume from the last checkpoint (train.save_every=250).
+#            The run stays in $ROOT_W/runs/NAME.
 #   full-l3  the same with the 3-layer student: name=full-l3 "student.layers=[0,3,5]".
 #   smoke    every step of bench and of full at toy size on the CPU, with this checkout's models/
 #            and ../shared/data (ROOT_W defaults to a temporary folder of links to them), faiss,
