@@ -752,16 +752,21 @@ def test_open_cache_accepts_the_clean_copy(built, texts, tmp_path):
     open_cache(_copy(built, tmp_path), texts)  # the corruptions below are the cause
 
 
-@pytest.mark.parametrize(("row", "edit"), [(57, "nan"), (80, "double")])
-def test_bad_row_is_described(built, texts, tmp_path, row, edit):
-    folder = _copy(built, tmp_path)
+def _spoil_row(folder: Path, row: int, edit: str) -> None:
+    """Row `row` of folder's vectors.npy made a NaN row or scaled (no longer a unit vector)."""
     arr = np.load(folder / "vectors.npy", mmap_mode="r+")
     if edit == "nan":
         arr[row, 3] = np.nan
     else:
-        arr[row] *= 2
+        arr[row] *= {"double": 2.0, "half": 0.5}[edit]
     arr.flush()
     del arr
+
+
+@pytest.mark.parametrize(("row", "edit"), [(57, "nan"), (80, "double")])
+def test_bad_row_is_described(built, texts, tmp_path, row, edit):
+    folder = _copy(built, tmp_path)
+    _spoil_row(folder, row, edit)
     c = list(length_order(texts)).index(row) // 32
     with pytest.raises(CacheError, match=rf"chunk {c}: rows do not match the checksum in the manifest; "
                        rf"1 rows are not finite unit vectors \(first: row {row}\)"):
@@ -916,25 +921,20 @@ def test_a_cache_of_another_teacher_identity_gives_no_rows(built, tiny_assets, t
                                    _reference(tiny_assets, "teacher_a", subset, other["prompt"]), atol=2e-3)
 
 
-@pytest.mark.parametrize("kind", ["nan", "not unit"])
+@pytest.mark.parametrize("edit", ["nan", "half"])
 def test_a_damaged_row_of_another_cache_is_encoded_not_copied(built, tiny_assets, texts, tmp_path,
-                                                              monkeypatch, caplog, kind):
+                                                              monkeypatch, caplog, edit):
     donor = _copy(built, tmp_path)
     row = 57
-    arr = np.load(donor / "vectors.npy", mmap_mode="r+")
-    if kind == "nan":
-        arr[row, 3] = np.nan
-    else:
-        arr[row] *= 0.5
-    arr.flush()
-    del arr
+    _spoil_row(donor, row, edit)
     counting = CountingEncode()
     monkeypatch.setattr(teachers, "encode", counting)
     subset = texts[30:70]
     with caplog.at_level(logging.INFO, logger="mtd.targets.cache"):
         folder = build_teacher_cache(_cfg(tiny_assets), subset, donor.parent, chunk_size=32)
     assert counting.calls == [[texts[row]]]
-    assert f"Target cache {donor}: 1 of the rows to copy from it are not finite unit vectors" in caplog.text
+    assert (f"Target cache {donor}: 1 of the rows found there are not finite unit vectors "
+            f"(first: {texts[row]!r}); their texts were encoded instead") in caplog.text
     assert "39 rows copied from other caches of this teacher" in caplog.text and "1 encoded" in caplog.text
     np.testing.assert_allclose(_as_float(folder, subset), _reference(tiny_assets, "teacher_a", subset),
                                atol=2e-3, rtol=0)

@@ -410,7 +410,7 @@ class _Plan:
     folder: Path
     done: bool = False
     expected: dict[str, Any] = field(default_factory=dict)  # the manifest fields that name the cache
-    manifest: dict[str, Any] | None = None  # None: no fill started (it starts when the teacher gives its dim)
+    manifest: dict[str, Any] | None = None  # None: no fill started (it starts once the dim is known)
     encode: list[int] = field(default_factory=list)  # chunks to encode
     place: list[int] = field(default_factory=list)  # encoded chunks whose rows wait in pending files
     donors: list[Path] = field(default_factory=list)  # caches of this teacher to copy rows from
@@ -583,20 +583,6 @@ def _find_rows(donors: list[Path], hashes: np.ndarray) -> tuple[np.ndarray, np.n
     return which, at
 
 
-def _copy_rows(donor: Path, vectors: np.ndarray, rows: np.ndarray,
-               texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """The donor's vectors of `rows` (the texts `texts`), and True where one is damaged (not a
-    finite unit vector), which is then encoded instead."""
-    data = vectors[rows]
-    bad = _bad_rows(data)
-    if bad.any():
-        logger.warning("Target cache %s: %d of the rows to copy from it are not finite unit vectors "
-                       "(first: %r); encoding those texts instead. `python -m mtd.cache CONFIG --verify` "
-                       "with the config that filled it repairs it.", donor, int(bad.sum()),
-                       texts[int(np.flatnonzero(bad)[0])][:80])
-    return data, bad
-
-
 def _fill_share(model, load: Callable[[], Any], cfg: TeacherConfig, texts: Sequence[str], folder: Path,
                 manifest: dict[str, Any], order: np.ndarray, mine: list[int], donors: list[Path],
                 who: str, show: bool) -> None:
@@ -607,7 +593,7 @@ def _fill_share(model, load: Callable[[], Any], cfg: TeacherConfig, texts: Seque
     rows = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
     which, at = _find_rows(donors, text_hashes([texts[i] for i in rows]))
     vectors = [np.load(d / VECTORS, mmap_mode="r") for d in donors]
-    copied, encoded = np.zeros(len(donors), dtype=np.int64), 0
+    copied, damaged, encoded = np.zeros(len(donors), dtype=np.int64), {}, 0
     bar = tqdm(total=int((which < 0).sum()), desc=f"teacher {cfg.name}", unit="text", disable=not show)
     start = 0
     for c, in_length_order in zip(mine, parts, strict=True):
@@ -618,12 +604,14 @@ def _fill_share(model, load: Callable[[], Any], cfg: TeacherConfig, texts: Seque
         for d in np.unique(src[~missing]):
             take = np.flatnonzero(src == d)
             take = take[np.argsort(src_row[take])]  # read the donor's rows in file order
-            got, bad = _copy_rows(donors[d], vectors[d], src_row[take],
-                                  [texts[i] for i in in_length_order[take]])
+            got = vectors[d][src_row[take]]
+            bad = _bad_rows(got)  # damage in the donor: encoded instead
             data[take[~bad]] = got[~bad]
             missing[take[bad]] = True
             copied[d] += int((~bad).sum())
             if bad.any():
+                count, first = damaged.get(d, (0, in_length_order[take[bad][0]]))
+                damaged[d] = (count + int(bad.sum()), first)
                 bar.total += int(bad.sum())
                 bar.refresh()
         if missing.any():
@@ -638,6 +626,11 @@ def _fill_share(model, load: Callable[[], Any], cfg: TeacherConfig, texts: Seque
             atomic_save_npy(_pending(folder, c), data)
             atomic_write_text(_marker(folder, c), _digest(data) + "\n")  # after the rows are on disk
     bar.close()
+    for d, (count, first) in damaged.items():
+        logger.warning("Target cache %s: %d of the rows found there are not finite unit vectors "
+                       "(first: %r); their texts were encoded instead. `python -m mtd.cache CONFIG "
+                       "--verify` with the config that filled it repairs it.", donors[d], count,
+                       texts[first][:80])
     if donors:
         sources = "; ".join(f"{n} from {d}" for n, d in zip(copied, donors, strict=True) if n) or "none"
         logger.info("Teacher %s%s: %d rows copied from other caches of this teacher (%s), %d encoded.",
