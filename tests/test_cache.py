@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -635,7 +636,7 @@ def test_a_start_killed_before_its_manifest_starts_again(built, tiny_assets, tex
 
 def test_too_little_free_space_is_refused_before_allocating(tiny_assets, texts, tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=15000))
-    with pytest.raises(CacheError, match=r"100 x 32 float16 vectors need 16,896 bytes \(0\.0 MB\) while they "
+    with pytest.raises(CacheError, match=r"100 x 32 float16 vectors need 17,696 bytes \(0\.0 MB\) while they "
                        r"are written \(twice their size, until the end\), but only 15,000 bytes \(0\.0 MB\) "
                        r"are free on that disk\. Free space there, or set cache_dir"):
         build_teacher_cache(_cfg(tiny_assets), texts, tmp_path, chunk_size=32)
@@ -648,7 +649,7 @@ def test_disk_full_while_writing_a_chunk_keeps_the_finished_ones(built, tiny_ass
 
     def save(path, array):
         writes.append(path)
-        if len(writes) > 2:  # chunks 0 and 1 fit on the disk
+        if len(writes) > 3:  # texts.npy, chunks 0 and 1 fit on the disk
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(path, array)
 
@@ -751,16 +752,21 @@ def test_open_cache_accepts_the_clean_copy(built, texts, tmp_path):
     open_cache(_copy(built, tmp_path), texts)  # the corruptions below are the cause
 
 
-@pytest.mark.parametrize(("row", "edit"), [(57, "nan"), (80, "double")])
-def test_bad_row_is_described(built, texts, tmp_path, row, edit):
-    folder = _copy(built, tmp_path)
+def _spoil_row(folder: Path, row: int, edit: str) -> None:
+    """Row `row` of folder's vectors.npy made a NaN row or scaled (no longer a unit vector)."""
     arr = np.load(folder / "vectors.npy", mmap_mode="r+")
     if edit == "nan":
         arr[row, 3] = np.nan
     else:
-        arr[row] *= 2
+        arr[row] *= {"double": 2.0, "half": 0.5}[edit]
     arr.flush()
     del arr
+
+
+@pytest.mark.parametrize(("row", "edit"), [(57, "nan"), (80, "double")])
+def test_bad_row_is_described(built, texts, tmp_path, row, edit):
+    folder = _copy(built, tmp_path)
+    _spoil_row(folder, row, edit)
     c = list(length_order(texts)).index(row) // 32
     with pytest.raises(CacheError, match=rf"chunk {c}: rows do not match the checksum in the manifest; "
                        rf"1 rows are not finite unit vectors \(first: row {row}\)"):
@@ -829,3 +835,235 @@ def test_cached_targets_shapes(tiny_assets, texts, tmp_path):
     assert len(_folders(tmp_path)) == 2
     np.testing.assert_allclose(np.asarray(arrays[1], dtype=np.float32),
                                _reference(tiny_assets, "teacher_b", texts[:40]), atol=2e-3)
+
+
+# --- rows copied from other caches of the same teacher ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def grown(tiny_assets, texts, tmp_path_factory) -> SimpleNamespace:
+    """Corpus B: 80 of `texts` (the `built` cache's corpus, A) in another order among 30 new texts,
+    and a cache of B filled in an empty root (nothing to copy from)."""
+    new = tiny_assets.joinpath("corpus.txt").read_text(encoding="utf-8").splitlines()[N_TEXTS : N_TEXTS + 30]
+    assert not set(new) & set(texts)
+    b = new[:15] + texts[79::-1] + new[15:]
+    fresh = build_teacher_cache(_cfg(tiny_assets), b, tmp_path_factory.mktemp("cache-b"), chunk_size=32)
+    return SimpleNamespace(texts=b, new=new, fresh=fresh)
+
+
+def _encoded(counting: CountingEncode) -> list[str]:
+    return sorted(t for call in counting.calls for t in call)
+
+
+def _as_float(folder: Path, texts: list[str]) -> np.ndarray:
+    return np.asarray(open_cache(folder, texts), dtype=np.float32)
+
+
+def _no_teacher_needed(*a, **k):
+    raise AssertionError("teacher loaded although every row is in another cache of it")
+
+
+def test_texts_npy_holds_the_hash_of_each_text(built, texts):
+    hashes = np.load(built / "texts.npy")
+    assert hashes.dtype == np.dtype("<u8") and hashes.shape == (N_TEXTS,)
+    assert hashes[7] == int.from_bytes(hashlib.blake2b(texts[7].encode("utf-8"), digest_size=8).digest(),
+                                       "little")
+    np.testing.assert_array_equal(hashes, cache.text_hashes(texts))
+    assert len(set(hashes.tolist())) == N_TEXTS
+
+
+def test_a_grown_corpus_copies_the_rows_it_shares_and_encodes_only_the_new_texts(
+    built, grown, tiny_assets, texts, tmp_path, monkeypatch, caplog
+):
+    root = _copy(built, tmp_path).parent
+    counting = CountingEncode()
+    monkeypatch.setattr(teachers, "encode", counting)
+    with caplog.at_level(logging.INFO, logger="mtd.targets.cache"):
+        folder = build_teacher_cache(_cfg(tiny_assets), grown.texts, root, chunk_size=32)
+    assert folder.name == grown.fresh.name and _folders(root) == sorted([root / built.name, folder])
+    assert _encoded(counting) == sorted(grown.new)
+    assert (f"80 rows copied from other caches of this teacher (80 from {root / built.name}), "
+            "30 encoded") in caplog.text
+    np.testing.assert_allclose(_as_float(folder, grown.texts), _as_float(grown.fresh, grown.texts),
+                               atol=2e-3, rtol=0)
+    np.testing.assert_array_equal(np.load(folder / "texts.npy"), cache.text_hashes(grown.texts))
+    # and the copied rows are A's own, bit for bit
+    a = open_cache(built, texts)
+    np.testing.assert_array_equal(open_cache(folder, grown.texts)[15:95], a[79::-1])
+
+
+def test_a_corpus_of_known_texts_never_loads_the_teacher(built, tiny_assets, texts, tmp_path, monkeypatch):
+    root = _copy(built, tmp_path).parent
+    monkeypatch.setattr(teachers, "load_teacher", _no_teacher_needed)
+    monkeypatch.setattr(teachers, "encode", _no_teacher_needed)
+    subset = texts[90:5:-3] + texts[:3]
+    folder = build_teacher_cache(_cfg(tiny_assets), subset, root, chunk_size=8)
+    rows = [texts.index(t) for t in subset]
+    np.testing.assert_array_equal(open_cache(folder, subset), open_cache(built, texts)[rows])
+    # a complete cache that got every row from others gives them in turn
+    again = build_teacher_cache(_cfg(tiny_assets), subset[::-1], root, chunk_size=8)
+    np.testing.assert_array_equal(open_cache(again, subset[::-1]), open_cache(built, texts)[rows[::-1]])
+
+
+@pytest.mark.parametrize("other", [{"prompt": "query: "}, {"max_length": 16}], ids=["prompt", "max_length"])
+def test_a_cache_of_another_teacher_identity_gives_no_rows(built, tiny_assets, texts, tmp_path,
+                                                           monkeypatch, other):
+    """Same teacher name and weights (so its folder sits among this one's), another identity."""
+    root = _copy(built, tmp_path).parent
+    counting = CountingEncode()
+    monkeypatch.setattr(teachers, "encode", counting)
+    subset = texts[40:]
+    folder = build_teacher_cache(_cfg(tiny_assets, **other), subset, root, chunk_size=32)
+    assert folder.name.split("-")[0] == built.name.split("-")[0]
+    assert _encoded(counting) == sorted(subset)
+    if "prompt" in other:
+        np.testing.assert_allclose(_as_float(folder, subset),
+                                   _reference(tiny_assets, "teacher_a", subset, other["prompt"]), atol=2e-3)
+
+
+@pytest.mark.parametrize("edit", ["nan", "half"])
+def test_a_damaged_row_of_another_cache_is_encoded_not_copied(built, tiny_assets, texts, tmp_path,
+                                                              monkeypatch, caplog, edit):
+    donor = _copy(built, tmp_path)
+    row = 57
+    _spoil_row(donor, row, edit)
+    counting = CountingEncode()
+    monkeypatch.setattr(teachers, "encode", counting)
+    subset = texts[30:70]
+    with caplog.at_level(logging.INFO, logger="mtd.targets.cache"):
+        folder = build_teacher_cache(_cfg(tiny_assets), subset, donor.parent, chunk_size=32)
+    assert counting.calls == [[texts[row]]]
+    assert (f"Target cache {donor}: 1 of the rows found there are not finite unit vectors "
+            f"(first: {texts[row]!r}); their texts were encoded instead") in caplog.text
+    assert "39 rows copied from other caches of this teacher" in caplog.text and "1 encoded" in caplog.text
+    np.testing.assert_allclose(_as_float(folder, subset), _reference(tiny_assets, "teacher_a", subset),
+                               atol=2e-3, rtol=0)
+
+
+def _no_longer_a_donor(folder: Path, how: str) -> None:
+    if how == "incomplete":
+        _edit_manifest(folder, complete=False)
+    elif how == "texts.npy missing":  # a cache filled before texts.npy
+        (folder / "texts.npy").unlink()
+    elif how == "texts.npy changed":
+        hashes = np.load(folder / "texts.npy")
+        hashes[[3, 4]] = hashes[[4, 3]]
+        np.save(folder / "texts.npy", hashes)
+    elif how in ("texts.npy short", "texts.npy int64"):  # and its checksum in the manifest to match
+        hashes = np.load(folder / "texts.npy")
+        hashes = hashes[1:] if how == "texts.npy short" else hashes.view("<i8")
+        np.save(folder / "texts.npy", hashes)
+        _edit_manifest(folder, texts_checksum=hashlib.blake2b(hashes, digest_size=16).hexdigest())
+    elif how == "manifest unreadable":
+        (folder / "manifest.json").write_text("[1, 2]")
+    elif how == "vectors short":
+        np.save(folder / "vectors.npy", np.load(folder / "vectors.npy")[:-1])
+
+
+@pytest.mark.parametrize("how", ["incomplete", "texts.npy missing", "texts.npy changed", "texts.npy short",
+                                 "texts.npy int64", "manifest unreadable", "vectors short"])
+def test_a_cache_that_can_not_be_trusted_gives_no_rows(built, tiny_assets, texts, tmp_path, monkeypatch, how):
+    donor = _copy(built, tmp_path)
+    _no_longer_a_donor(donor, how)
+    before = _snapshot(donor)
+    counting = CountingEncode()
+    monkeypatch.setattr(teachers, "encode", counting)
+    subset = texts[:60][::-1]
+    folder = build_teacher_cache(_cfg(tiny_assets), subset, donor.parent, chunk_size=32)
+    assert _encoded(counting) == sorted(subset)
+    np.testing.assert_allclose(_as_float(folder, subset), _reference(tiny_assets, "teacher_a", subset),
+                               atol=2e-3, rtol=0)
+    assert _snapshot(donor) == before  # left as it is
+
+
+def test_two_processes_copy_and_encode_each_their_own_chunks(built, grown, tiny_assets, texts, tmp_path,
+                                                             monkeypatch, caplog):
+    """Rank r fills chunks r and r + 2: it encodes just their new texts, and loads the teacher only
+    if they have any."""
+    root = _copy(built, tmp_path).parent
+    threads = Threads(2, monkeypatch)
+    encoded, loaded = {0: [], 1: []}, []
+    real_encode, real_load = teachers.encode, teachers.load_teacher
+
+    def encode(model, chunk_texts, cfg):
+        encoded[threads.local.rank] += chunk_texts
+        return real_encode(model, chunk_texts, cfg)
+
+    def load(*a, **k):
+        loaded.append(threads.local.rank)
+        return real_load(*a, **k)
+
+    monkeypatch.setattr(teachers, "encode", encode)
+    monkeypatch.setattr(teachers, "load_teacher", load)
+    cfg = _cfg(tiny_assets)
+
+    def fill(corpus: list[str], size: int) -> list:
+        for seen in (loaded, encoded[0], encoded[1]):
+            seen.clear()
+        return threads.run(lambda p: build_teacher_cache(cfg, corpus, root, chunk_size=size, processes=p))
+
+    with caplog.at_level(logging.INFO, logger="mtd.targets.cache"):
+        outcome = fill(grown.texts, 32)
+    folder = root / grown.fresh.name
+    assert outcome == [folder, folder]
+    new = {r: sorted(t for c in (r, r + 2) for t in _chunk(grown.texts, c) if t in grown.new) for r in (0, 1)}
+    assert {r: sorted(encoded[r]) for r in (0, 1)} == new
+    assert sorted(loaded) == [r for r in (0, 1) if new[r]]
+    for r in (0, 1):
+        shared = sum(len(_chunk(grown.texts, c)) for c in (r, r + 2)) - len(new[r])
+        assert (f"Teacher teacher_a (process {r} of 2): {shared} rows copied from other caches of this "
+                f"teacher ({shared} from {root / built.name}), {len(new[r])} encoded.") in caplog.text
+    np.testing.assert_allclose(_as_float(folder, grown.texts), _as_float(grown.fresh, grown.texts),
+                               atol=2e-3, rtol=0)
+    # 3 new texts, shorter than the rest, so in the last chunk (2, rank 0's): rank 1 loads no teacher
+    known = texts[:37]
+    corpus = tiny_assets.joinpath("corpus.txt").read_text(encoding="utf-8").splitlines()
+    shortest = sorted(corpus[N_TEXTS:], key=len)[:3]
+    assert max(map(len, shortest)) < min(map(len, known))
+    outcome = fill(known + shortest, 16)
+    assert loaded == [0] and {r: sorted(encoded[r]) for r in (0, 1)} == {0: sorted(shortest), 1: []}
+    np.testing.assert_allclose(_as_float(outcome[0], known + shortest),
+                               _reference(tiny_assets, "teacher_a", known + shortest), atol=2e-3, rtol=0)
+    # a corpus of known texts: neither process loads it
+    subset = grown.texts[::-2]
+    outcome = fill(subset, 16)
+    assert loaded == [] and encoded == {0: [], 1: []} and outcome[0] == outcome[1]
+    np.testing.assert_array_equal(open_cache(outcome[0], subset), open_cache(folder, grown.texts)[::-2])
+
+
+def test_a_fill_started_before_texts_npy_records_it_when_it_resumes(tiny_assets, texts, tmp_path,
+                                                                    monkeypatch):
+    cfg = _cfg(tiny_assets)
+    folder = _interrupted_fill(cfg, texts, tmp_path, monkeypatch)
+    (folder / "texts.npy").unlink()
+    m = read_json(folder / "manifest.json")
+    del m["texts_checksum"]
+    (folder / "manifest.json").write_text(json.dumps(m), encoding="utf-8")
+    monkeypatch.setattr(teachers, "encode", CountingEncode())
+    build_teacher_cache(cfg, texts, tmp_path, chunk_size=32)
+    np.testing.assert_array_equal(np.load(folder / "texts.npy"), cache.text_hashes(texts))
+    # so it gives its rows from now on
+    monkeypatch.setattr(teachers, "load_teacher", _no_teacher_needed)
+    subset = texts[::-1][:50]
+    other = build_teacher_cache(cfg, subset, tmp_path, chunk_size=32)
+    np.testing.assert_array_equal(open_cache(other, subset), open_cache(folder, texts)[::-1][:50])
+
+
+def test_caches_of_one_teacher_that_disagree_on_its_dim_give_no_rows(built, tiny_assets, texts, tmp_path,
+                                                                     monkeypatch, caplog):
+    """Two caches of the same identity, one of them (edited by hand) 16-d: neither is trusted."""
+    donor = _copy(built, tmp_path)
+    edited = donor.with_name(donor.name[:-1] + ("0" if donor.name[-1] != "0" else "1"))
+    shutil.copytree(donor, edited)
+    cut = np.load(edited / "vectors.npy")[:, :16].astype(np.float32)
+    np.save(edited / "vectors.npy", (cut / np.linalg.norm(cut, axis=1, keepdims=True)).astype(np.float16))
+    _edit_manifest(edited, dim=16)
+    counting = CountingEncode()
+    monkeypatch.setattr(teachers, "encode", counting)
+    subset = texts[:50]
+    with caplog.at_level(logging.WARNING, logger="mtd.targets.cache"):
+        folder = build_teacher_cache(_cfg(tiny_assets), subset, donor.parent, chunk_size=32)
+    assert "Target caches of teacher teacher_a disagree on its dim" in caplog.text
+    assert _encoded(counting) == sorted(subset)
+    np.testing.assert_allclose(_as_float(folder, subset), _reference(tiny_assets, "teacher_a", subset),
+                               atol=2e-3, rtol=0)

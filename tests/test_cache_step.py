@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -184,8 +185,31 @@ def test_two_processes_fill_the_caches_as_one_does(tiny_config, tmp_path):
         assert not list((b / "pending").iterdir())
         np.testing.assert_allclose(np.asarray(open_cache(a, texts), np.float32),
                                    np.asarray(open_cache(b, texts), np.float32), atol=2e-3)
+    # One more corpus file: each process copies the rows the first fill has and encodes the rest,
+    # and the caches equal a one-process fill in an empty cache_dir.
+    extra = tmp_path / "extra.txt"
+    extra.write_text("".join(f"kasa zehe {i} gusa {i * 7} mika\n" for i in range(60)), encoding="utf-8")
+    files = json.dumps([*one.data.corpus, str(extra)])
+    grown, fresh = (tiny_config(f"cache_dir={json.dumps(str(tmp_path / d))}", f"data.corpus={files}")
+                    for d in ("two-cache", "fresh-cache"))
+    proc = launch_two_processes("--module", "mtd.cache", _yaml(grown, tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    (tmp_path / "fresh").mkdir()
+    assert cache_main([_yaml(fresh, tmp_path / "fresh")]) == 0
+    new = set(_corpus(grown)) - set(texts)
+    assert 0 < len(new) < len(texts) / 10
+    for name in ("teacher_a", "teacher_b"):
+        counts = [re.search(rf"Teacher {name} \(process {r} of 2\): (\d+) rows copied .*, (\d+) encoded\.",
+                            proc.stderr) for r in (0, 1)]
+        assert all(counts), proc.stderr[-6000:]
+        assert sum(int(m[2]) for m in counts) == len(new)
+        assert sum(int(m[1]) for m in counts) == len(_corpus(grown)) - len(new)
+    for a in _folders(fresh):
+        b = Path(grown.cache_dir) / a.name
+        np.testing.assert_allclose(np.asarray(open_cache(a, _corpus(grown)), np.float32),
+                                   np.asarray(open_cache(b, _corpus(grown)), np.float32), atol=2e-3)
     # A main process that stops (here: a damaged manifest) stops the other one too.
-    (_folders(two)[0] / "manifest.json").write_text("[1, 2]")
+    (Path(two.cache_dir) / _folders(one)[0].name / "manifest.json").write_text("[1, 2]")
     proc = launch_two_processes("--module", "mtd.cache", _yaml(two, tmp_path))
     assert proc.returncode != 0
     assert "manifest.json unreadable" in proc.stderr and "The main process stopped" in proc.stderr

@@ -7,24 +7,41 @@ Layout of one cache folder (CACHE_ROOT/<teacher>-<key>/):
                    blake2b checksum of the chunk's rows (in row order), so a marker is only trusted
                    while the rows still match it
     pending/NNNNNN.npy  a chunk's rows as encoded, until they are placed in vectors.npy
+    texts.npy      (N,) little-endian uint64 per row: the blake2b digest (8 bytes) of its text's
+                   UTF-8, in corpus order; written when the fill starts, its checksum in the manifest.
+                   It lets later fills of the same teacher copy rows from this cache (step 2).
+                   Folders from before it have none: they are never copied from (nothing migrates
+                   them), and one whose fill resumes gets it then
     manifest.json  teacher identity (weights hash, pooling, prompt, max length, dtype), corpus
-                   fingerprint, dim, chunk size, rows written, complete flag; once complete, the
-                   checksum of every chunk
+                   fingerprint, dim, chunk size, checksum of texts.npy, rows written, complete flag;
+                   once complete, the checksum of every chunk
 CACHE_ROOT/teacher-hashes.json remembers each teacher folder's weights hash while its files keep
 their sizes and mtimes (mtd.io.hash_folder), so a start does not read the weights again.
 
 The key hashes the teacher identity and the corpus fingerprint, so a changed teacher or corpus gets
-a new folder (the old one is left alone) and an interrupted fill resumes chunk by chunk. Vectors are
-stored normalized because the multi-teacher target only uses directions, and unit rows can not
-overflow float16.
+a new folder (the old one is left alone) and an interrupted fill resumes chunk by chunk. A changed
+corpus (more texts, another seed or split) still shares most texts with earlier ones, so a fill
+copies the rows it finds in the other caches of this very teacher instead of encoding them (step 2).
+Vectors are stored normalized because the multi-teacher target only uses directions, and unit rows
+can not overflow float16.
 
 A fill by P processes (1 alone; `python -m mtd.cache`, or a run, under accelerate launch):
 1. The main process decides, the others wait for its answer (an error reaches them all): it checks
    the manifest and says which chunks to encode. A complete cache ends here: its manifest and the
    size of vectors.npy are checked, no row is read, no teacher loads (`verify=True` checks every
    chunk against its checksum as well). Resuming an unfinished fill checks every marked chunk.
-2. Every process encodes its share of those chunks into pending files. Chunks follow the corpus's
-   global length order, so batches are as well packed as in one encode() call.
+   With chunks to encode, it also lists the donors: the complete caches beside this one (same
+   CACHE_ROOT) whose teacher identity equals this one's exactly and whose texts.npy matches its
+   checksum and row count. Their dim is the teacher's, so with donors the teacher loads only on a
+   process that finds a row in none of them.
+2. Every process fills its share of those chunks into pending files: a row whose text hash one of
+   the donors has (the first, in name order) is copied from that donor's vectors.npy, unless the
+   row there is not a finite unit vector (damage: encoded instead, with a warning); the rest go
+   through the teacher. Each process logs how many rows came from which donor and how many were
+   encoded. Chunks follow the corpus's global length order, so batches are as well packed as in
+   one encode() call. A chunk's pending file and marker are the same however its rows were found,
+   so resuming, checksums and the steps below do not change. (Two different texts share a 64-bit
+   hash with a chance of about N_new * N_donor / 2**64.)
 3. Every process copies the pending rows that fall in its own part of vectors.npy there: P
    contiguous byte ranges cut at page boundaries, so no two processes (nodes sharing a file
    system) ever write the same page.
@@ -64,6 +81,8 @@ logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 2  # 2: chunks follow the corpus's length order
 VECTORS = "vectors.npy"
+TEXTS = "texts.npy"
+TEXT_HASH = np.dtype("<u8")  # texts.npy: blake2b digest_size=8 of each text's UTF-8
 MANIFEST = "manifest.json"
 CHUNKS = "chunks"
 PENDING = "pending"
@@ -169,10 +188,15 @@ def _checksums(manifest: dict[str, Any], n_chunks: int) -> list[str] | None:
     return None
 
 
+def _bad_rows(data: np.ndarray) -> np.ndarray:
+    """True for each row that is not a finite unit vector (an unwritten NaN row, bit rot)."""
+    part = data.astype(np.float32)
+    return ~np.isfinite(part).all(axis=1) | (np.abs(np.linalg.norm(part, axis=1) - 1.0) > 1e-2)
+
+
 def _row_damage(data: np.ndarray, rows: np.ndarray) -> str | None:
     """Rows that are not finite unit vectors (unwritten NaN rows, bit rot), described, or None."""
-    part = data.astype(np.float32)
-    bad = ~np.isfinite(part).all(axis=1) | (np.abs(np.linalg.norm(part, axis=1) - 1.0) > 1e-2)
+    bad = _bad_rows(data)
     if not bad.any():
         return None
     return f"{int(bad.sum())} rows are not finite unit vectors (first: row {rows[np.flatnonzero(bad)[0]]})"
@@ -321,8 +345,9 @@ def _size(n: int) -> str:
 
 def _check_free_space(folder: Path, rows: int, dim: int) -> None:
     """A full disk must stop the fill now, with the numbers, not hours later. The rows take their
-    room twice until the end: in vectors.npy and in the pending files."""
-    needed = 2 * rows * dim * np.dtype(np.float16).itemsize + 4096  # + header, manifest, markers
+    room twice until the end: in vectors.npy and in the pending files (beside them: texts.npy, the
+    npy header, manifest and markers)."""
+    needed = 2 * rows * dim * np.dtype(np.float16).itemsize + rows * TEXT_HASH.itemsize + 4096
     old = folder / VECTORS  # a placeholder left by a killed start is overwritten
     free = shutil.disk_usage(folder.parent).free + (old.stat().st_size if old.exists() else 0)
     if needed > free:
@@ -361,6 +386,13 @@ def length_order(texts: Sequence[str]) -> np.ndarray:
     return np.argsort([-len(t) for t in texts], kind="stable")
 
 
+def text_hashes(texts: Sequence[str]) -> np.ndarray:
+    """One TEXT_HASH per text (blake2b, 8 bytes, of its UTF-8), in order: what texts.npy holds,
+    and how a fill finds a text's row in another cache."""
+    digests = b"".join(hashlib.blake2b(t.encode("utf-8"), digest_size=8).digest() for t in texts)
+    return np.frombuffer(digests, dtype=TEXT_HASH).copy()
+
+
 def placement_ranges(offset: int, rows: int, row_bytes: int, count: int) -> list[tuple[int, int]]:
     """The byte range [start, end) of the rows of a file (they start at `offset`) that each of
     `count` processes writes: contiguous, covering the rows, and cut at multiples of PAGE, so no
@@ -378,12 +410,64 @@ class _Plan:
     folder: Path
     done: bool = False
     expected: dict[str, Any] = field(default_factory=dict)  # the manifest fields that name the cache
-    manifest: dict[str, Any] | None = None  # None: no fill started (it starts when the teacher gives its dim)
+    manifest: dict[str, Any] | None = None  # None: no fill started (it starts once the dim is known)
     encode: list[int] = field(default_factory=list)  # chunks to encode
     place: list[int] = field(default_factory=list)  # encoded chunks whose rows wait in pending files
+    donors: list[Path] = field(default_factory=list)  # caches of this teacher to copy rows from
+    dim: int | None = None  # the donors' dim (None: no donors)
+
+
+def _donor_dim(folder: Path, identity: dict[str, Any]) -> int | None:
+    """The dim of `folder` if it is a cache to copy rows from (complete, of this very teacher, with
+    a texts.npy that matches its manifest), else None."""
+    try:
+        manifest = _read_manifest(folder)
+    except CacheError:
+        return None
+    if manifest.get("complete") is not True or manifest.get("teacher") != identity:
+        return None
+    try:
+        hashes = np.load(folder / TEXTS, mmap_mode="r")
+        _load_vectors(folder, manifest)
+        matches = (hashes.dtype == TEXT_HASH and hashes.shape == (manifest["rows"],)
+                   and _digest(hashes) == manifest.get("texts_checksum"))
+    except FileNotFoundError:  # filled before texts.npy
+        return None
+    except (OSError, ValueError, EOFError, CacheError) as e:
+        logger.warning("Target cache %s: no rows are copied from it (%s).", folder, e)
+        return None
+    if not matches:
+        logger.warning("Target cache %s: no rows are copied from it (%s does not match its manifest).",
+                       folder, TEXTS)
+        return None
+    return manifest["dim"]
+
+
+def _find_donors(plan: _Plan, root: Path) -> None:
+    """Main process, with chunks to encode: plan.donors (in name order) and their dim."""
+    identity = plan.expected["teacher"]
+    prefix = plan.folder.name.rsplit("-", 1)[0]  # the teacher's name: its caches sit side by side
+    dims = {other: dim for other in sorted(root.glob(f"{prefix}-*"))
+            if other != plan.folder and other.is_dir() and (dim := _donor_dim(other, identity)) is not None}
+    agreed = set(dims.values()) | ({plan.manifest["dim"]} if plan.manifest else set())
+    if dims and len(agreed) > 1:
+        logger.warning("Target caches of teacher %s disagree on its dim (%s: %s%s); no rows are copied "
+                       "from them.", identity["name"], ", ".join(map(str, dims)), sorted(dims.values()),
+                       f", {plan.folder}: {plan.manifest['dim']}" if plan.manifest else "")
+        return
+    if dims:
+        plan.donors, plan.dim = list(dims), agreed.pop()
 
 
 def _plan(cfg: TeacherConfig, texts: Sequence[str], root: Path, chunk_size: int, verify: bool) -> _Plan:
+    """Main process: which chunks to encode and place, and the caches to copy rows from."""
+    plan = _decide(cfg, texts, root, chunk_size, verify)
+    if plan.encode:
+        _find_donors(plan, root)
+    return plan
+
+
+def _decide(cfg: TeacherConfig, texts: Sequence[str], root: Path, chunk_size: int, verify: bool) -> _Plan:
     """Main process: which chunks to encode and place. Reads rows only when asked to verify, or
     on the resume of an unfinished fill; then every chunk is checked."""
     identity = teachers.teacher_identity(cfg, teachers.teacher_folder(cfg), hash_memo=root / HASH_MEMO)
@@ -434,14 +518,26 @@ def _plan(cfg: TeacherConfig, texts: Sequence[str], root: Path, chunk_size: int,
     return plan
 
 
-def _start(plan: _Plan, dim: int, chunk_size: int) -> dict[str, Any]:
-    """Main process, the teacher loaded: the fill's manifest; a new fill gets its NaN-filled
-    vectors.npy first, then the manifest that makes it a fill."""
+def _save_text_hashes(folder: Path, texts: Sequence[str]) -> dict[str, str]:
+    """texts.npy written; the manifest field that vouches for it."""
+    hashes = text_hashes(texts)
+    with _explained(folder, f"writing {TEXTS}", folder / TEXTS):
+        atomic_save_npy(folder / TEXTS, hashes)
+    return {"texts_checksum": _digest(hashes)}
+
+
+def _start(plan: _Plan, texts: Sequence[str], dim: int, chunk_size: int) -> dict[str, Any]:
+    """Main process, the dim known (from the teacher, or its donors): the fill's manifest; a new
+    fill gets its NaN-filled vectors.npy and its texts.npy first, then the manifest that makes it
+    a fill."""
     folder, manifest = plan.folder, plan.manifest
     if manifest is not None:
         if manifest["dim"] != dim:
             raise _fail(folder, f"{MANIFEST} says dim {manifest['dim']}, teacher "
                         f"{plan.expected['teacher']['name']} gives {dim}")
+        if "texts_checksum" not in manifest:  # started before texts.npy: later fills may copy from it
+            manifest = manifest | _save_text_hashes(folder, texts)
+            atomic_write_json(folder / MANIFEST, manifest)
         return manifest
     manifest = plan.expected | {"dim": dim, "chunk_size": chunk_size, "normalized": True,
                                 "checksum": CHECKSUM, "rows_written": 0, "complete": False}
@@ -449,6 +545,7 @@ def _start(plan: _Plan, dim: int, chunk_size: int) -> dict[str, Any]:
     (folder / CHUNKS).mkdir(parents=True, exist_ok=True)
     with _explained(folder, f"allocating {VECTORS}", folder / VECTORS):
         _allocate(folder / VECTORS, manifest["rows"], dim)
+    manifest |= _save_text_hashes(folder, texts)
     atomic_write_json(folder / MANIFEST, manifest)
     return manifest
 
@@ -470,21 +567,74 @@ def _encode_checked(model, cfg: TeacherConfig, texts: list[str], rows: np.ndarra
     return (vecs / norms).astype(np.float16)
 
 
-def _encode_share(model, cfg: TeacherConfig, texts: Sequence[str], folder: Path, manifest: dict[str, Any],
-                  order: np.ndarray, mine: list[int], show: bool) -> None:
-    """This process's chunks, each encoded into its pending file, then marked with its checksum."""
-    chunk = manifest["chunk_size"]
+def _find_rows(donors: list[Path], hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(donor, donor row) for each text hash: the first donor whose texts.npy has it (donor -1:
+    none has). One donor's hashes in memory at a time."""
+    which, at = np.full(len(hashes), -1), np.zeros(len(hashes), dtype=np.int64)
+    for d, folder in enumerate(donors):
+        todo = np.flatnonzero(which < 0)
+        if not len(todo):
+            break
+        theirs = np.load(folder / TEXTS)
+        by_hash = np.argsort(theirs, kind="stable")
+        pos = np.minimum(np.searchsorted(theirs[by_hash], hashes[todo]), len(theirs) - 1)
+        hit = theirs[by_hash[pos]] == hashes[todo]
+        which[todo[hit]], at[todo[hit]] = d, by_hash[pos[hit]]
+    return which, at
+
+
+def _fill_share(model, load: Callable[[], Any], cfg: TeacherConfig, texts: Sequence[str], folder: Path,
+                manifest: dict[str, Any], order: np.ndarray, mine: list[int], donors: list[Path],
+                who: str, show: bool) -> None:
+    """This process's chunks, each filled into its pending file, then marked with its checksum: a
+    row a donor has is copied from it, the rest are encoded (`model`, or load() on first need)."""
+    chunk, dim = manifest["chunk_size"], manifest["dim"]
     parts = [order[c * chunk : (c + 1) * chunk] for c in mine]  # similar lengths batch together
-    bar = tqdm(total=sum(map(len, parts)), desc=f"teacher {cfg.name}", unit="text", disable=not show)
+    rows = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    which, at = _find_rows(donors, text_hashes([texts[i] for i in rows]))
+    vectors = [np.load(d / VECTORS, mmap_mode="r") for d in donors]
+    copied, damaged, encoded = np.zeros(len(donors), dtype=np.int64), {}, 0
+    bar = tqdm(total=int((which < 0).sum()), desc=f"teacher {cfg.name}", unit="text", disable=not show)
+    start = 0
     for c, in_length_order in zip(mine, parts, strict=True):
-        vecs = _encode_checked(model, cfg, [texts[i] for i in in_length_order], in_length_order,
-                               manifest["dim"])
-        data = vecs[np.argsort(in_length_order)]  # rows ascending, as in vectors.npy
+        src, src_row = which[start : start + len(in_length_order)], at[start : start + len(in_length_order)]
+        start += len(in_length_order)
+        data = np.empty((len(in_length_order), dim), dtype=np.float16)
+        missing = src < 0
+        for d in np.unique(src[~missing]):
+            take = np.flatnonzero(src == d)
+            take = take[np.argsort(src_row[take])]  # read the donor's rows in file order
+            got = vectors[d][src_row[take]]
+            bad = _bad_rows(got)  # damage in the donor: encoded instead
+            data[take[~bad]] = got[~bad]
+            missing[take[bad]] = True
+            copied[d] += int((~bad).sum())
+            if bad.any():
+                count, first = damaged.get(d, (0, in_length_order[take[bad][0]]))
+                damaged[d] = (count + int(bad.sum()), first)
+                bar.total += int(bad.sum())
+                bar.refresh()
+        if missing.any():
+            if model is None:
+                model = load()
+            index = in_length_order[missing]
+            data[missing] = _encode_checked(model, cfg, [texts[i] for i in index], index, dim)
+            encoded += len(index)
+            bar.update(len(index))
+        data = data[np.argsort(in_length_order)]  # rows ascending, as in vectors.npy
         with _explained(folder, f"writing chunk {c}", _pending(folder, c)):
             atomic_save_npy(_pending(folder, c), data)
             atomic_write_text(_marker(folder, c), _digest(data) + "\n")  # after the rows are on disk
-        bar.update(len(data))
     bar.close()
+    for d, (count, first) in damaged.items():
+        logger.warning("Target cache %s: %d of the rows found there are not finite unit vectors "
+                       "(first: %r); their texts were encoded instead. `python -m mtd.cache CONFIG "
+                       "--verify` with the config that filled it repairs it.", donors[d], count,
+                       texts[first][:80])
+    if donors:
+        sources = "; ".join(f"{n} from {d}" for n, d in zip(copied, donors, strict=True) if n) or "none"
+        logger.info("Teacher %s%s: %d rows copied from other caches of this teacher (%s), %d encoded.",
+                    cfg.name, who, int(copied.sum()), sources, encoded)
 
 
 def _place_share(folder: Path, chunks: list[np.ndarray], placing: list[int], rank: int, count: int) -> None:
@@ -581,16 +731,25 @@ def build_teacher_cache(
     if plan.encode:
         size = manifest["chunk_size"] if manifest else chunk_size
         n = sum(len(order[c * size : (c + 1) * size]) for c in plan.encode)
-        logger.log(logging.WARNING if fill_hint else logging.INFO, "Teacher %s: encoding %d texts "
-                   "into %s.%s", cfg.name, n, folder, f" {fill_hint}" if fill_hint else "")
-        # each process finds the folder itself: a hub download may sit in a cache of its own node
-        model = processes.all_succeed(lambda: teachers.load_teacher(cfg, teachers.teacher_folder(cfg),
-                                                                     device=device))
-        dim = teachers.embedding_dim(model)
-        manifest = processes.main_decides(lambda: _start(plan, dim, chunk_size))
+        found = (f"; rows found in other caches of this teacher ({len(plan.donors)}) are copied, "
+                 "the rest encoded" if plan.donors else "")
+        logger.log(logging.WARNING if fill_hint else logging.INFO, "Teacher %s: filling %d rows of "
+                   "%s%s.%s", cfg.name, n, folder, found, f" {fill_hint}" if fill_hint else "")
+
+        def load():  # each process finds the folder itself: a hub download may sit in its node's cache
+            return teachers.load_teacher(cfg, teachers.teacher_folder(cfg), device=device)
+
+        model = None
+        if plan.donors:  # they give the dim: the teacher loads where a row is in none of them
+            dim = plan.dim
+        else:
+            model = processes.all_succeed(load)
+            dim = teachers.embedding_dim(model)
+        manifest = processes.main_decides(lambda: _start(plan, texts, dim, chunk_size))
         mine = plan.encode[processes.rank :: processes.count]
-        processes.all_succeed(lambda: _encode_share(model, cfg, texts, folder, manifest, order, mine,
-                                                    show=processes.rank == 0))
+        who = f" (process {processes.rank} of {processes.count})" if processes.count > 1 else ""
+        processes.all_succeed(lambda: _fill_share(model, load, cfg, texts, folder, manifest, order, mine,
+                                                  plan.donors, who, show=processes.rank == 0))
         del model
     chunks = _chunk_rows(order, manifest["chunk_size"])
     placing = sorted({*plan.encode, *plan.place})
