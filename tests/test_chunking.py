@@ -153,14 +153,16 @@ def test_zero_share_leaves_the_corpus_as_it_was_without_splitting(tmp_path, monk
     assert read_corpus([path], dev_size=10, chunk_share=0.0) == read_corpus([path], dev_size=10)
 
 
-def test_read_corpus_cuts_before_shuffling_and_the_dev_split(tmp_path):
+def test_chunks_of_one_document_stay_on_its_side_of_the_dev_split(tmp_path):
     docs = _docs(60)
     path = tmp_path / "c.txt"
     path.write_text("\n".join(docs) + "\n", encoding="utf-8")
     c = read_corpus([path], dev_size=20, chunk_share=1.0, chunk_sentences=(1, 1), seed=3)
-    assert sorted(c.texts) == sorted(s for parts in split_sentences(docs) for s in parts)
+    sentences = {s: d for d, parts in enumerate(split_sentences(docs)) for s in parts}
+    assert sorted(c.texts) == sorted(sentences)  # every sentence once, as a chunk of its own
     assert c == read_corpus([path], dev_size=20, chunk_share=1.0, chunk_sentences=(1, 1), seed=3)
-    assert len(c.dev) == 20  # dev rows are taken from the chunks
+    dev_docs, train_docs = {sentences[t] for t in c.dev}, {sentences[t] for t in c.train}
+    assert len(dev_docs) == 20 and not dev_docs & train_docs  # dev_size counts documents
 
 
 def test_a_runs_data_settings_reach_the_corpus(tmp_path):

@@ -128,8 +128,9 @@ def read_corpus(
     chunk_share: float = 0.0,
     chunk_sentences: Sequence[int] = (1, 10),
 ) -> Corpus:
-    """Read texts, drop blank ones, cut huge ones, cut `chunk_share` of those of several sentences
-    into chunks (chunk_texts), shuffle once, split off `dev_size` dev texts."""
+    """Read texts, drop blank ones, cut huge ones, shuffle once, keep `max_texts`, split off
+    `dev_size` dev texts, then cut `chunk_share` of each side's texts of several sentences into
+    chunks (chunk_texts): `max_texts` and `dev_size` count texts as read, before chunking."""
     texts: list[str] = []
     for p in map(Path, paths):
         if not p.is_file():
@@ -145,7 +146,6 @@ def read_corpus(
     if long:
         logger.warning("Cut %d texts longer than %d characters (data.max_chars).", long, max_chars)
         texts = [t[:max_chars] for t in texts]
-    texts = chunk_texts(texts, chunk_share, chunk_sentences, seed)
     if shuffle:
         random.Random(seed).shuffle(texts)
     if max_texts is not None:
@@ -156,7 +156,10 @@ def read_corpus(
             f"data.dev_size={dev_size} plus training. Add texts or lower dev_size."
         )
     cut = len(texts) - dev_size
-    return Corpus(train=texts[:cut], dev=texts[cut:])
+    # Chunks after the split: the pieces of one document stay on its side of it, and only the
+    # texts a run keeps are split into sentences.
+    return Corpus(train=chunk_texts(texts[:cut], chunk_share, chunk_sentences, seed),
+                  dev=chunk_texts(texts[cut:], chunk_share, chunk_sentences, seed + 1))
 
 
 def corpus_of(data: DataConfig) -> Corpus:
