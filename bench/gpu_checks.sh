@@ -4,22 +4,33 @@
 # results are written after each step, so a call cut short still returns what was done.
 #
 # Teachers and data do not travel with the checkout (models/ is ignored, ../shared stays here).
-# Pack them here, from the project root (float16 weights in 40 MB parts under .device-pack/):
+# Pack them here, from the project root (float16 weights in 40 MB parts under .device-pack/), and
+# for bench, the wheels of `datasets`, which SentenceTransformerTrainer needs and the GPU machine
+# lacks (under 1 MiB, in the ignored .whl/):
 #     ../shared/tools/device-pack.sh models/all-MiniLM-L6-v2 models/all-mpnet-base-v2
+#     bash bench/gpu_wheels.sh
 # then carry the parts one per device call, back to back (a machine is kept only ~30 s after a call):
 #     command: mkdir -p /root/pack && cp .device-pack/pNN /root/pack/      carry: [".device-pack/pNN"]
-# and in the call carrying the last part, run this script: it unpacks /root/pack/p* into $ROOT_W
-# (once; PACK_DIR names another folder) and starts:
+# and in the call carrying the last part, with the wheels, run this script: it unpacks
+# /root/pack/p* into $ROOT_W (once; PACK_DIR names another folder), installs .whl/*.whl where its
+# Python finds them, and starts:
 #     mkdir -p /root/pack && cp .device-pack/pNN /root/pack/ && bash bench/gpu_checks.sh bench
+#                                                 carry: [".device-pack/pNN", ".whl"]
+# The two teachers and ../shared/data make 8 parts (p00-p06 of 40 MiB, p07 of about 28 MiB): the
+# last call carries p07 and .whl (0.9 MiB), about 34 MiB with the checkout, under a call's 64 MiB
+# (a 40 MiB part and the wheels fit too). full and full-l3 do not need the wheels.
 #
 # Usage: [ROOT_W=/root/w] [OUT=DIR] bash bench/gpu_checks.sh MODE
-#   bench    (planned ~5 min) device facts; training steps/s in bf16 at batch 256 (the student of
+#   bench    (planned ~6.5 min) device facts; training steps/s in bf16 at batch 256 (the student of
 #            configs/default.yaml, heads-only and all-parameter stages, every input pipeline, with
-#            the split of a step into data / forward / loss / backward / optimizer), then the
-#            all-parameter stage with cos alone; the exact resim loss at batch 256 and 1024 (time,
-#            peak memory); target-cache fill beside SentenceTransformer.encode for both teachers (20k texts,
-#            batch 256); FSDP on one GPU through accelerate launch (20 steps a stage, export).
-#            BENCH_SECONDS (default 420) bounds the whole; steps that no longer fit are skipped.
+#            the split of a step into data / forward / loss / backward / optimizer); mtd's trainer
+#            (all loss terms, cos only) beside SentenceTransformerTrainer with MSELoss on the same
+#            student, batch 256 and bf16, interleaved, with the ratio of their steps/s
+#            (bench/peers.py --throughput-only; skipped, naming the fix, without the wheels); the
+#            exact resim loss at batch 256 and 1024 (time, peak memory); target-cache fill beside
+#            SentenceTransformer.encode for both teachers (20k texts, batch 256); FSDP on one GPU
+#            through accelerate launch (20 steps a stage, export); the all-parameter stage with cos
+#            alone. BENCH_SECONDS (default 500) bounds the whole; steps that no longer fit are skipped.
 #   full     python train.py configs/full.yaml on $ROOT_W's teachers, corpora and STS sets, the
 #            target caches filled first (python -m mtd.cache). Stops after FULL_SECONDS (default
 #            520), then collects: under 10 minutes in all. Run it again at once (same machine,
@@ -28,7 +39,7 @@
 #   full-l3  the same with the 3-layer student: name=full-l3 "student.layers=[0,3,5]".
 #   smoke    every step of bench and of full at toy size on the CPU, with this checkout's models/
 #            and ../shared/data (ROOT_W defaults to a temporary folder of links to them), faiss,
-#            pytrec_eval and open_clip hidden as on the GPU machine: tests this script.
+#            pytrec_eval, open_clip and model2vec hidden as on the GPU machine: tests this script.
 # Results (at most 8 files, what a call to the GPU machine returns): $OUT/summary-MODE.json
 # (each step's status, seconds and results), $OUT/MODE-files.tar.gz (each step's log and JSON),
 # and for full modes the student's final/ in float16 as $OUT/MODE-student.tar.NN (FULL_STUDENT=0: not); here:
@@ -75,7 +86,7 @@ if [ "$MODE" = smoke ]; then
 import importlib.machinery
 import sys
 
-HIDDEN = {"faiss", "pytrec_eval", "open_clip"}
+HIDDEN = {"faiss", "pytrec_eval", "open_clip", "model2vec"}
 
 
 class _Hiding(importlib.machinery.PathFinder):
@@ -116,7 +127,7 @@ OUT=$(cd "$OUT" && pwd)
 rm -f "$OUT/summary-$MODE.json" "$OUT/$MODE-files.tar.gz" "$OUT/$MODE"-student.tar.*
 
 case "$MODE" in
-  bench) BUDGET=${BENCH_SECONDS:-420} ;;
+  bench) BUDGET=${BENCH_SECONDS:-500} ;;
   full|full-l3) BUDGET=${FULL_SECONDS:-520} ;;
   smoke) BUDGET=${SMOKE_SECONDS:-1200} ;;
 esac
@@ -166,9 +177,7 @@ step() {
   shift 3
   local left=$((DEADLINE - SECONDS - RESERVE))
   if [ "$left" -lt 20 ]; then
-    echo "== $name: skipped (${left}s of the budget left)"
-    printf '%s\tskipped\t0\t0\t\n' "$name" >> "$RES/steps.tsv"
-    summarize
+    skipped "$name" "${left}s of the budget left"
     return 0
   fi
   [ "$limit" -le "$left" ] || limit=$left
@@ -185,6 +194,14 @@ step() {
   [ "$status" = pass ] || tail -n 5 "$RES/$name.log" | sed 's/^/   | /'
 }
 
+# skipped NAME WHY: NAME recorded as skipped, WHY at the end of its log (so in the summary).
+skipped() {
+  echo "== $1: skipped ($2)"
+  echo "skipped: $2" >> "$RES/$1.log"
+  printf '%s\tskipped\t0\t0\t\n' "$1" >> "$RES/steps.tsv"
+  summarize
+}
+
 facts() {
   step facts 60 facts.json "$PY" - "$RES/facts.json" <<'PY'
 import json
@@ -193,6 +210,7 @@ import platform
 import shutil
 import subprocess
 import sys
+from importlib.metadata import PackageNotFoundError, version
 
 import mtd  # noqa: F401  (torchvision shim before transformers loads)
 import accelerate
@@ -215,6 +233,11 @@ facts = {
     "transformers": transformers.__version__, "accelerate": accelerate.__version__,
     "sentence_transformers": sentence_transformers.__version__,
 }
+for name in ("datasets", "pyarrow", "pandas", "fsspec", "huggingface_hub", "dill", "multiprocess", "xxhash"):
+    try:
+        facts[name] = version(name)
+    except PackageNotFoundError:
+        facts[name] = None
 print(json.dumps(facts, indent=1))
 with open(sys.argv[1], "w") as f:
     json.dump(facts, f, indent=1)
@@ -237,6 +260,26 @@ paths = [f"teachers.0.path={json.dumps(minilm)}", f"teachers.1.path={json.dumps(
 cos = [f"stages.{i}.heads={{fc1: [cos]}}" for i in range(3)]
 (work / "default-cos.yaml").write_text(dump_config(load_config("configs/default.yaml", paths + cos)))
 PY
+}
+
+# mtd's trainer beside SentenceTransformerTrainer (bench/peers.py --throughput-only ARGS...) on the
+# default config's student. That trainer needs `datasets`: where the Python cannot import it, the
+# wheels carried in .whl/ (bash bench/gpu_wheels.sh) are installed first, and without them the step
+# is skipped, naming the fix.
+st_throughput() {
+  if ! "$PY" -c 'import datasets' > /dev/null 2>&1 && compgen -G "$REPO/.whl/*.whl" > /dev/null; then
+    step wheels 120 "" "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+      --upgrade --target "$WORK/site" "$REPO"/.whl/*.whl
+    export PYTHONPATH=$WORK/site:$PYTHONPATH
+  fi
+  if ! "$PY" -c 'import datasets' > "$RES/throughput-st.log" 2>&1; then
+    skipped throughput-st "SentenceTransformerTrainer needs datasets, which does not import here (above). Run
+bash bench/gpu_wheels.sh in the project root where pip works, and carry .whl with this call (see
+the header of bench/gpu_checks.sh)"
+    return 0
+  fi
+  step throughput-st "$1" throughput_st.json "$PY" bench/peers.py --throughput-only \
+    --config "$WORK/default.yaml" "${@:2}" --out "$RES/throughput_st.json"
 }
 
 free_port() {
@@ -348,6 +391,8 @@ case "$MODE" in
     step throughput 180 train_throughput.json "$PY" bench/train_throughput.py "$WORK/default.yaml" \
       --device cuda --precision bf16 --batch 256 --steps 20 --warmup 3 --repeats 2 --texts 10000 \
       --out "$RES/train_throughput.json"
+    st_throughput 150 --device cuda --precision bf16 --batch 256 --throughput-steps 50 --repeats 2 \
+      --max-texts 10000 --threads "$(nproc)"
     step resim 60 resim_speed.json "$PY" bench/resim_speed.py --device cuda --sizes 256,1024 \
       --repeats 5 --max-seconds 20 --out "$RES/resim_speed.json"
     for t in minilm mpnet; do
@@ -367,6 +412,8 @@ case "$MODE" in
     tiny=(--device cpu --precision no --batch 8 --steps 1 --warmup 1 --repeats 1 --texts 48 --threads 1)
     step throughput 300 train_throughput.json "$PY" bench/train_throughput.py "$WORK/default.yaml" \
       "${tiny[@]}" --out "$RES/train_throughput.json"
+    st_throughput 300 --device cpu --precision no --batch 8 --throughput-steps 2 --repeats 1 \
+      --max-texts 48 --threads 1
     step resim 120 resim_speed.json "$PY" bench/resim_speed.py --device cpu --sizes 16,32 --repeats 1 \
       --threads 1 --out "$RES/resim_speed.json"
     for t in minilm mpnet; do

@@ -30,6 +30,18 @@ mtd's trainer is timed twice: with the run's loss terms and with cos only (the t
 a few steps, shortened STS and CISI sets; its results go under runs/peers-smoke/, not to the
 results files. Trained peers, the model2vec model and the PCA are kept under --work and reused
 when their inputs are the same. Results: --out (JSON) and the "Peers" section of --docs.
+
+--throughput-only measures table 2 alone, on a chosen device, precision and batch (both trainers
+on the same ones, checked on the trained models), for CONFIG's student, last text stage and corpus
+(its first --max-texts texts), with random targets of the teachers' sizes in place of the cached
+ones (speed does not depend on their values, and no teacher encodes the corpus):
+
+    python bench/peers.py --throughput-only [--config CONFIG] [--device cuda] [--precision bf16]
+                          [--batch 256] [--throughput-steps 50] [--repeats 2] [--out FILE]
+
+It needs no evaluation data, faiss, pytrec_eval or model2vec; results go to --out (default
+bench/results/peers_throughput.json), with the ratio of mtd's steps/s (the stage's loss terms) to
+SentenceTransformerTrainer's.
 """
 
 from __future__ import annotations
@@ -58,6 +70,7 @@ from collections import Counter  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from functools import cached_property, partial  # noqa: E402
+from typing import NamedTuple  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -77,6 +90,7 @@ from mtd.io import atomic_write_json, atomic_write_text, hash_folder, hash_texts
 logger = logging.getLogger("peers")
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
+DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
 ST_LR, ST_WARMUP = 1e-4, 0.1  # the layer-reduction example's learning rate and warmup share
 PEER_DIMS = 256  # model2vec and PCA output size (the student's fc256 head has the same)
 # --smoke: 270 training texts (PCA to 256 dims needs at least 256), 30 dev texts
@@ -196,15 +210,19 @@ def st_student(cfg: RunConfig, out_dim: int):
     from mtd.models.student import keep_layers
 
     folder = resolve_model(cfg.student.path, "student.path")
-    base = SentenceTransformer(str(folder), device="cpu")
+    # float32 weights whatever the folder stores, as mtd's student (transformers 5 would keep a
+    # float16 file's dtype, and train half-precision master weights)
+    base = SentenceTransformer(str(folder), device="cpu").float()
     keep_layers(base.transformers_model, cfg.student.layers)
     base[0].max_seq_length = cfg.student.max_length
     dense = models.Dense(base.get_embedding_dimension(), out_dim, activation_function=torch.nn.Identity())
     return SentenceTransformer(modules=[*base, dense])
 
 
-def st_trainer(cfg: RunConfig, texts: list[str], targets: np.ndarray, steps: int, batch: int, out: Path):
-    """SentenceTransformerTrainer with losses.MSELoss on (text, target vector) rows."""
+def st_trainer(cfg: RunConfig, texts: list[str], targets: np.ndarray, steps: int, batch: int, out: Path,
+               precision: str = "no", use_cpu: bool = False):
+    """SentenceTransformerTrainer with losses.MSELoss on (text, target vector) rows; `precision`
+    as train.mixed_precision names it (no, bf16, fp16); on a GPU if there is one, unless `use_cpu`."""
     from datasets import Dataset
     from sentence_transformers import (
         SentenceTransformerTrainer,
@@ -218,7 +236,8 @@ def st_trainer(cfg: RunConfig, texts: list[str], targets: np.ndarray, steps: int
     args = SentenceTransformerTrainingArguments(
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch, learning_rate=ST_LR,
         warmup_steps=ST_WARMUP, seed=cfg.train.seed, dataloader_drop_last=True, save_strategy="no",
-        logging_steps=max(1, steps // 20), report_to="none")
+        logging_steps=max(1, steps // 20), report_to="none", bf16=precision == "bf16",
+        fp16=precision == "fp16", use_cpu=use_cpu)
     data = Dataset.from_dict({"sentence": texts, "label": targets.astype(np.float32)})
     return SentenceTransformerTrainer(model=model, args=args, train_dataset=data, loss=losses.MSELoss(model))
 
@@ -430,9 +449,27 @@ def resolve(path: str) -> Path:
 # Table 2: training throughput
 
 
-def time_mtd(setup: Setup, terms: list[str], steps: int, run_dir: Path) -> float:
-    """Seconds of mtd's train_stages for `steps` steps of one stage training everything, head fc1
-    on `terms` (the run's last text stage's loss weights), no dev set, no mid-stage checkpoint."""
+class Timed(NamedTuple):
+    """One timed `train` call and where it ran, read off the trained model and its Accelerator."""
+
+    seconds: float
+    device: str  # the trained parameters' device type (cpu, cuda)
+    precision: str  # the Accelerator's mixed precision (no, bf16, fp16)
+
+
+def _finished(t0: float) -> float:
+    """Seconds since t0, once the GPU (if one is in use) has finished its queued work."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def time_mtd(setup: Setup, terms: list[str], steps: int, run_dir: Path) -> Timed:
+    """mtd's train_stages for `steps` steps of one stage training everything, head fc1 on `terms`
+    (the run's last text stage's loss weights), no dev set, no mid-stage checkpoint, in the
+    config's train.mixed_precision."""
     from accelerate.utils import set_seed
 
     from mtd.data.corpus import Corpus
@@ -453,40 +490,62 @@ def time_mtd(setup: Setup, terms: list[str], steps: int, run_dir: Path) -> float
     t0 = time.perf_counter()
     stage_data = lambda _index: ((lambda _student: data), len(data.train))  # noqa: E731
     train_stages(accelerator, student, [stage], tcfg, run_dir, stage_data, None, {})
-    return time.perf_counter() - t0
+    seconds = _finished(t0)
+    return Timed(seconds, next(student.parameters()).device.type, str(accelerator.mixed_precision))
 
 
-def time_st(setup: Setup, steps: int, out: Path) -> float:
-    """Seconds of SentenceTransformerTrainer.train for `steps` steps, MSELoss to the target."""
-    trainer = st_trainer(setup.cfg, setup.texts, setup.target_rows(), steps, setup.batch, out)
+def time_st(setup: Setup, steps: int, out: Path) -> Timed:
+    """SentenceTransformerTrainer.train for `steps` steps, MSELoss to the target, in the config's
+    train.mixed_precision, on the device mtd's Accelerator takes (the CPU under ACCELERATE_USE_CPU)."""
+    from accelerate.utils import parse_flag_from_env
+
+    trainer = st_trainer(setup.cfg, setup.texts, setup.target_rows(), steps, setup.batch, out,
+                         precision=setup.cfg.train.mixed_precision,
+                         use_cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     t0 = time.perf_counter()
     trainer.train()
-    return time.perf_counter() - t0
+    seconds = _finished(t0)
+    device = next(trainer.model.parameters()).device.type
+    return Timed(seconds, device, str(trainer.accelerator.mixed_precision))
+
+
+ST_ROW = "sentence-transformers (MSELoss)"
 
 
 def throughput(setup: Setup, steps: int, repeats: int, work: Path) -> list[dict]:
+    """Rows of table 2: mtd with the stage's loss terms, mtd with cos only, the recipe's trainer.
+    Every run must train on one device in one precision: a trainer that ran elsewhere stops it."""
     terms = setup.last_stage.heads.get(next(iter(setup.cfg.student.heads)), ["cos", "sim", "resim"])
     variants = {
         f"mtd ({'+'.join(terms)})": partial(time_mtd, setup, list(terms)),
         "mtd (cos)": partial(time_mtd, setup, ["cos"]),
-        "sentence-transformers (MSELoss)": partial(time_st, setup),
+        ST_ROW: partial(time_st, setup),
     }
     seconds: dict[str, list[float]] = {name: [] for name in variants}
+    ran_on: dict[str, set[tuple[str, str]]] = {name: set() for name in variants}
     for r in range(-1, repeats):  # r = -1: a 2-step warm-up of each (lazy imports, allocator), not kept
         order = list(variants) if r % 2 == 0 else list(reversed(variants))  # A B C, C B A, ...
         for name in order:
             with tempfile.TemporaryDirectory(dir=work) as tmp:
-                s = variants[name](2 if r < 0 else steps, Path(tmp))
+                timed = variants[name](2 if r < 0 else steps, Path(tmp))
+            ran_on[name].add((timed.device, timed.precision))
             if r >= 0:
-                seconds[name].append(s)
-                logger.info("throughput %s, repeat %d: %d steps in %.1f s", name, r + 1, steps, s)
-    st = statistics.median(seconds["sentence-transformers (MSELoss)"])
+                seconds[name].append(timed.seconds)
+                logger.info("throughput %s, repeat %d: %d steps in %.1f s on %s (%s)", name, r + 1, steps,
+                            timed.seconds, timed.device, timed.precision)
+    places = set().union(*ran_on.values())
+    if len(places) != 1:
+        raise PeersError(f"The trainers ran on different devices or precisions ({ran_on}), so their "
+                         "speeds do not compare. Run with one visible device (--device) and one "
+                         "train.mixed_precision (--precision) for both.")
+    device, precision = places.pop()
+    st = statistics.median(seconds[ST_ROW])
     rows = []
     for name, secs in seconds.items():
         med = statistics.median(secs)
-        rows.append({"trainer": name, "steps": steps, "batch": setup.batch, "seconds": secs,
-                     "steps_per_s": steps / med, "texts_per_s": steps * setup.batch / med,
-                     "ratio_to_st": st / med})
+        rows.append({"trainer": name, "steps": steps, "batch": setup.batch, "device": device,
+                     "precision": precision, "seconds": secs, "steps_per_s": steps / med,
+                     "texts_per_s": steps * setup.batch / med, "ratio_to_st": st / med})
     return rows
 
 
@@ -596,8 +655,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--throughput-steps", type=int, default=50)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--smoke", action="store_true", help="everything at toy scale, in minutes")
+    only = p.add_argument_group("--throughput-only: table 2 alone (see above)")
+    only.add_argument("--throughput-only", action="store_true",
+                      help="time the trainers only; results to --out (default: "
+                           "bench/results/peers_throughput.json), nothing else written")
+    only.add_argument("--config", type=Path, default=None,
+                      help="config whose student, last text stage and corpus are timed "
+                           "(default: the --student run's config.yaml, else configs/default.yaml)")
+    only.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                      help="where both trainers run (default: cuda when there is one)")
+    only.add_argument("--precision", choices=["no", "bf16", "fp16"], default=None,
+                      help="train.mixed_precision of both (default: bf16 on cuda, no on cpu)")
+    only.add_argument("--batch", type=int, default=None,
+                      help="batch size of both (default: the config's longest text stage's)")
     args = p.parse_args(argv)
     smoke = args.smoke
+    given = [f"--{k}" for k in ("config", "device", "precision", "batch") if getattr(args, k) is not None]
+    if given and not args.throughput_only:
+        p.error(f"{', '.join(given)}: options of --throughput-only; add it, or leave them out.")
+    if args.throughput_only:
+        if smoke:
+            p.error("--smoke and --throughput-only do not go together: for a quick --throughput-only, "
+                    "pass --device cpu --max-texts 48 --batch 8 --throughput-steps 2 --repeats 1.")
+        if (args.batch is not None and args.batch < 1) or args.throughput_steps < 1 or args.repeats < 1:
+            p.error("--batch, --throughput-steps and --repeats must be at least 1.")
+        if args.device is None:
+            import torch
+
+            args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        args.precision = args.precision or ("bf16" if args.device == "cuda" else "no")
+        args.out = args.out or ROOT / "bench" / "results" / "peers_throughput.json"
+        return args
     args.work = args.work or ROOT / "runs" / ("peers-smoke" if smoke else "peers")
     args.out = args.out or (args.work / "peers.json" if smoke else ROOT / "bench" / "results" / "peers.json")
     args.docs = args.docs or (None if smoke else ROOT / "docs" / "results.md")
@@ -654,10 +742,85 @@ def body(args: argparse.Namespace) -> int:
     return 0
 
 
+def random_setup(cfg: RunConfig, batch: int | None, steps: int) -> Setup:
+    """The config's corpus, student and stages, with random targets of its teachers' sizes (drawn
+    with train.seed) in place of the cached ones; `batch`, else its longest text stage's."""
+    from mtd.targets.teachers import embedding_dim, load_teacher, teacher_folder
+    from mtd.training.pipeline import load_corpus
+
+    corpus = load_corpus(cfg)
+    dims = [embedding_dim(load_teacher(t, teacher_folder(t), device="cpu")) for t in cfg.teachers]
+    rng = np.random.default_rng(cfg.train.seed)
+    arrays = [rng.standard_normal((len(corpus.texts), d), dtype=np.float32).astype(np.float16) for d in dims]
+    return Setup(cfg, corpus, arrays, steps, batch or total_steps(cfg, len(corpus.train))[1])
+
+
+def _versions(*names: str) -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in names:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def throughput_only(args: argparse.Namespace) -> int:
+    """Table 2 alone on args.device in args.precision; writes args.out."""
+    import platform
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise PeersError("--device cuda: no CUDA device is visible here. Run it on a GPU machine, or "
+                         "pass --device cpu.")
+    if args.device == "cpu":
+        os.environ["ACCELERATE_USE_CPU"] = "1"  # both trainers' Accelerators read it
+    config = args.config or (args.student[0] / "config.yaml" if args.student else DEFAULT_CONFIG)
+    config, out = config.resolve(), args.out.resolve()
+    if not config.is_file():
+        raise PeersError(f"{config}: no such config. Pass --config FILE (e.g. configs/default.yaml) "
+                         "or --student RUN (a trained mtd run's folder).")
+    os.chdir(ROOT)  # configs name models and corpora relative to the project root
+    overrides = [f"train.mixed_precision={args.precision}", "data.dev_size=0",
+                 *([f"data.max_texts={args.max_texts}"] if args.max_texts else [])]
+    setup = random_setup(load_config(config, overrides), args.batch, args.throughput_steps)
+    logger.info("Timing on %s (%s): %d texts, batch %d, %d steps x %d repeats.", args.device,
+                args.precision, len(setup.texts), setup.batch, args.throughput_steps, args.repeats)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work.resolve() if args.work else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        rows = throughput(setup, args.throughput_steps, args.repeats, work)
+    where = (rows[0]["device"], rows[0]["precision"])
+    if where != (args.device, args.precision):
+        raise PeersError(f"Asked for {args.device} in {args.precision}, but the trainers ran on {where[0]} "
+                         f"in {where[1]}. Unset ACCELERATE_USE_CPU or CUDA_VISIBLE_DEVICES if the "
+                         "environment sets them, or ask for what this machine has (--device, --precision).")
+    table = throughput_table(rows)
+    ratio = {r["trainer"]: r["ratio_to_st"] for r in rows if r["trainer"] != ST_ROW}
+    print(f"{table}\n\nsteps/s of mtd over SentenceTransformerTrainer's: "
+          + ", ".join(f"{name} {x:.2f}" for name, x in ratio.items()))
+    atomic_write_json(out, {
+        "date": str(datetime.date.today()), "device": args.device, "precision": args.precision,
+        "machine": torch.cuda.get_device_name() if args.device == "cuda" else platform.machine(),
+        "threads": args.threads, "config": _rel(config),
+        "student": {k: getattr(setup.cfg.student, k) for k in ("path", "layers", "max_length")},
+        "texts": len(setup.texts), "batch": setup.batch, "steps": args.throughput_steps,
+        "repeats": args.repeats, "targets": "random, of the teachers' sizes",
+        "versions": _versions("torch", "transformers", "sentence-transformers", "accelerate", "datasets",
+                              "pyarrow"),
+        "rows": rows, "ratio_mtd_to_st": rows[0]["ratio_to_st"], "ratio_to_st": ratio, "table": table})
+    logger.info("Wrote %s", out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return cli_main("peers", lambda: body(args))
+    return cli_main("peers", lambda: throughput_only(args) if args.throughput_only else body(args))
 
 
 if __name__ == "__main__":

@@ -42,12 +42,22 @@ def test_smoke_runs_every_step(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + json.dumps(summary["steps"])[-4000:]
     assert not summary["failed"] and not summary["skipped"]
     steps = {s["name"]: s for s in summary["steps"]}
-    assert set(steps) == {"facts", "throughput", "resim", "cache-minilm", "cache-mpnet", "fsdp", "fsdp-check",
-                          "throughput-cos", "full-smoke-cache", "full-smoke-train", "full-smoke-collect",
-                          "full-smoke-student"}
+    assert set(steps) == {"facts", "throughput", "throughput-st", "resim", "cache-minilm", "cache-mpnet",
+                          "fsdp", "fsdp-check", "throughput-cos", "full-smoke-cache", "full-smoke-train",
+                          "full-smoke-collect", "full-smoke-student"}
     # Each bench's own results are in the summary.
     rows = steps["throughput"]["results"]["train_throughput.json"]["rows"]
     assert {r["stage"] for r in rows} == {"heads", "all"} and all(r["steps_per_s"] > 0 for r in rows)
+    # mtd's trainer and SentenceTransformerTrainer, same device, precision and batch, and their ratio.
+    st = steps["throughput-st"]["results"]["throughput_st.json"]
+    st_rows = {r["trainer"]: r for r in st["rows"]}
+    assert set(st_rows) == {"mtd (cos+sim+resim)", "mtd (cos)", "sentence-transformers (MSELoss)"}
+    assert all((r["device"], r["precision"], r["batch"]) == ("cpu", "no", 8) and r["steps_per_s"] > 0
+               for r in st["rows"])
+    facts = steps["facts"]["results"]["facts.json"]
+    assert (st["device"], st["precision"], st["versions"]["datasets"]) == ("cpu", "no", facts["datasets"])
+    assert st["ratio_mtd_to_st"] == pytest.approx(st_rows["mtd (cos+sim+resim)"]["steps_per_s"]
+                                                  / st_rows["sentence-transformers (MSELoss)"]["steps_per_s"])
     cos = steps["throughput-cos"]["results"]["train_throughput_cos.json"]
     assert {r["stage"] for r in cos["rows"]} == {"all"}
     resim = steps["resim"]["results"]["resim_speed.json"]["rows"]
