@@ -25,13 +25,10 @@ STS = [ROOT.parent / "shared/data/sts/stsb/test.jsonl", ROOT.parent / "shared/da
 
 
 def stage_ends(run: Path) -> list[tuple[int, Path]]:
-    """(stage index, folder) of the run's stage-end checkpoints, in stage order."""
-    found = []
-    for d in (run / "checkpoints").glob("*-end"):
-        index = d.name.split("-", 1)[0]
-        if index.isdigit() and (d / "model.safetensors").is_file():
-            found.append((int(index), d))
-    return sorted(found)
+    """(stage index, folder) of the run's stage-end checkpoints that hold the student's weights."""
+    from mtd.training.checkpoints import stage_ends as listed
+
+    return [(index, folder) for index, folder in listed(run) if (folder / "model.safetensors").is_file()]
 
 
 def score_run(run: Path, sts_files: list[str]) -> list[dict]:

@@ -89,6 +89,12 @@ def has_checkpoints(run_dir: Path) -> bool:
     return bool(_listed(run_dir))
 
 
+def stage_ends(run_dir: Path) -> list[tuple[int, Path]]:
+    """(stage index, folder) of each S-NAME-end checkpoint (the student's weights at the end of
+    stage S), in stage order, as listed (not verified)."""
+    return [(int(_NAME.match(d.name)[1]), d) for d in _listed(run_dir) if d.name.endswith("-end")]
+
+
 # ---------------------------------------------------------------------------------------------
 # Saving
 
