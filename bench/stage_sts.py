@@ -32,11 +32,10 @@ def stage_ends(run: Path) -> list[tuple[int, Path]]:
 
 
 def score_run(run: Path, sts_files: list[str]) -> list[dict]:
-    from safetensors.torch import load_file
-
     from mtd.config import load_config
     from mtd.errors import MtdError
     from mtd.evaluation.sts import evaluate_sts, load_sts
+    from mtd.io import load_safetensors
     from mtd.models.student import encode
     from mtd.training.pipeline import build_student
 
@@ -45,14 +44,14 @@ def score_run(run: Path, sts_files: list[str]) -> list[dict]:
         raise MtdError(f"{run}/checkpoints holds no stage-end checkpoint (S-NAME-end/model.safetensors): "
                        "score a run that finished at least one stage.")
     cfg = load_config(run / "config.yaml", [])
-    first = load_file(ends[0][1] / "model.safetensors")
+    first = load_safetensors(ends[0][1] / "model.safetensors")
     target_dim = next((first[f"heads.{h}.weight"].shape[0] for h, d in cfg.student.heads.items()
                        if d == "target"), 0)  # a head sized to the target keeps that size here
     student, tokenizer = build_student(cfg, target_dim)
     sets = [load_sts(p) for p in sts_files]
     rows, trained = [], []
-    for index, folder in ends:
-        student.load_state_dict(load_file(folder / "model.safetensors"))
+    for n, (index, folder) in enumerate(ends):
+        student.load_state_dict(first if n == 0 else load_safetensors(folder / "model.safetensors"))
         stage = cfg.stages[index]
         trained += [h for h in stage.heads if h not in trained]
         for head in trained:

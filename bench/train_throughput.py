@@ -159,13 +159,12 @@ def timed_runner_class():
 
 def build(args):
     from mtd.config import load_config
-    from mtd.data.corpus import Corpus, TargetDataset
+    from mtd.data.corpus import TargetDataset
     from mtd.training.pipeline import build_student, corpus_stage_data, load_corpus
     from mtd.training.trainer import StageData
 
     cfg = load_config(args.config, overrides=[f"data.max_texts={args.texts}", "data.dev_size=0"])
     corpus = load_corpus(cfg)
-    corpus = Corpus(corpus.train, [])
     rng = np.random.default_rng(0)
     target = rng.standard_normal((len(corpus.train), args.target_dim)).astype(np.float16)
     arrays, weights = [target], [1.0]
@@ -288,7 +287,6 @@ def main() -> None:
               "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "texts": n,
               "workers": args.workers, "padding_share": padding, "tokenize_all_seconds": tokenize_s,
               "rows": rows, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(args.out), json.dumps(result, indent=1) + "\n")
     print(f"\nwrote {args.out}")
 
