@@ -175,3 +175,15 @@ def test_a_runs_data_settings_reach_the_corpus(tmp_path):
                              "data.chunk_share=1", "data.chunk_sentences=[1,1]"])
     assert corpus_of(cfg.data) == read_corpus([path], dev_size=20, chunk_share=1.0,
                                               chunk_sentences=(1, 1), seed=3)
+
+
+def test_the_analysis_pairs_the_dev_chunks_the_run_held_out(tmp_path):
+    from mtd.evaluation.analysis import dev_text_pairs
+
+    path = _corpus_file(tmp_path, _docs(60))
+    cfg = load_config(TINY, [f"data.corpus=[{path}]", "data.dev_size=20", "data.seed=3",
+                             "data.chunk_share=0.5", "data.chunk_sentences=[1,2]"])
+    dev = corpus_of(cfg.data).dev
+    pairs = dev_text_pairs(cfg)
+    n = len(dev) // 2
+    assert (pairs.first, pairs.second) == (dev[0 : 2 * n : 2], dev[1 : 2 * n : 2])

@@ -158,8 +158,14 @@ def read_corpus(
     cut = len(texts) - dev_size
     # Chunks after the split: the pieces of one document stay on its side of it, and only the
     # texts a run keeps are split into sentences.
-    return Corpus(train=chunk_texts(texts[:cut], chunk_share, chunk_sentences, seed),
-                  dev=chunk_texts(texts[cut:], chunk_share, chunk_sentences, seed + 1))
+    return Corpus(train=chunk_part(texts[:cut], "train", chunk_share, chunk_sentences, seed),
+                  dev=chunk_part(texts[cut:], "dev", chunk_share, chunk_sentences, seed))
+
+
+def chunk_part(texts: Sequence[str], part: str, share: float, sentences: Sequence[int],
+               seed: int) -> list[str]:
+    """chunk_texts of a corpus's "train" or "dev" texts, each part with a seed of its own."""
+    return chunk_texts(texts, share, sentences, seed + (part == "dev"))
 
 
 def corpus_of(data: DataConfig) -> Corpus:

@@ -17,7 +17,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ import pandas as pd
 from scipy import stats
 
 from mtd.config import RunConfig, TeacherConfig
-from mtd.data.corpus import corpus_of, multi_teacher_target
+from mtd.data.corpus import chunk_part, corpus_of, multi_teacher_target
 from mtd.errors import MtdError
 from mtd.evaluation import sts, suite
 from mtd.evaluation.specs import StudentHeadEncoder, TeacherEncoder, cached_encode
@@ -358,7 +358,9 @@ class Pairs:
 
 def dev_text_pairs(cfg: RunConfig, limit: int = DEV_PAIRS) -> Pairs:
     """The run's held-out dev texts (as the run split them off) paired in order: 1-2, 3-4, ..."""
-    dev = corpus_of(cfg.data).dev
+    d = cfg.data  # only the dev texts are cut into chunks, as the run cut them
+    dev = chunk_part(corpus_of(replace(d, chunk_share=0.0)).dev, "dev", d.chunk_share, d.chunk_sentences,
+                     d.seed)
     n = min(len(dev) // 2, limit)
     if n < 2:
         raise AnalysisError(f"The run holds out {len(dev)} dev texts (data.dev_size), too few to pair. "

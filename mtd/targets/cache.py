@@ -591,7 +591,8 @@ def _fill_share(model, load: Callable[[], Any], cfg: TeacherConfig, texts: Seque
     chunk, dim = manifest["chunk_size"], manifest["dim"]
     parts = [order[c * chunk : (c + 1) * chunk] for c in mine]  # similar lengths batch together
     rows = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-    which, at = _find_rows(donors, text_hashes([texts[i] for i in rows]))
+    hashes = text_hashes([texts[i] for i in rows]) if donors else np.zeros(len(rows), TEXT_HASH)
+    which, at = _find_rows(donors, hashes)  # no donors: every row is encoded
     vectors = [np.load(d / VECTORS, mmap_mode="r") for d in donors]
     copied, damaged, encoded = np.zeros(len(donors), dtype=np.int64), {}, 0
     bar = tqdm(total=int((which < 0).sum()), desc=f"teacher {cfg.name}", unit="text", disable=not show)
