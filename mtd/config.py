@@ -138,6 +138,9 @@ class StageConfig:
     # head -> "teacher" | "self:HEAD"; in image stages self:HEAD is the student's own HEAD vector
     # of the image's captions (self-distillation, the paper's stage 4)
     targets: dict[str, str] = field(default_factory=dict)
+    # head -> prefix dims trained as vectors of their own (Matryoshka): sim + resim on each
+    # renormalized prefix against the head's target, beside the head's own terms
+    matryoshka: dict[str, list[int]] = field(default_factory=dict)
     weights: dict[str, float] = num(
         factory=lambda: {"cos": 10.0, "sim": 200.0, "resim": 20.0, "nce": 1.0}, ge=0
     )  # Jasper paper, section 3; nce (InfoNCE against the in-batch targets) only where listed
@@ -466,6 +469,16 @@ def _check_stage(stage: StageConfig, heads: dict[str, Any], where: str) -> None:
                 f"{where}.targets.{head}={target!r}: use 'teacher' or 'self:HEAD' "
                 f"with HEAD one of {list(heads)}."
             )
+    for head, dims in stage.matryoshka.items():
+        if head not in stage.heads:
+            raise ConfigError(f"{where}.matryoshka: head '{head}' is not trained in this stage; "
+                              f"its heads: {list(stage.heads)}.")
+        if not dims or min(dims) < 1:  # whole numbers: the typed parse checks that
+            raise ConfigError(f"{where}.matryoshka.{head}={dims!r}: give a list of prefix sizes, "
+                              "whole numbers of at least 1, e.g. [64, 128, 256].")
+        if len(set(dims)) != len(dims):
+            raise ConfigError(f"{where}.matryoshka.{head}={dims!r}: a prefix size appears twice; "
+                              "list each once.")
     if stage.cos_reduction not in ("sum", "mean"):
         raise ConfigError(f"{where}.cos_reduction={stage.cos_reduction!r}: use sum or mean.")
     if set(stage.weights) - set(LOSS_TERMS):
@@ -645,6 +658,12 @@ def check_dims(cfg: RunConfig, head_dims: dict[str, int], target_dim: int) -> No
             if source != "teacher" and source.removeprefix("self:") not in head_dims:
                 raise ConfigError(f"stages.{i}.targets.{head}={source!r}: no such head; the "
                                   f"student's heads: {list(head_dims)}.")
+            too_big = [d for d in stage.matryoshka.get(head, []) if d >= head_dims[head]]
+            if too_big:
+                raise ConfigError(
+                    f"stages.{i}.matryoshka.{head}: prefixes {too_big} are not smaller than the head "
+                    f"({head_dims[head]} dims). Use prefix sizes below {head_dims[head]}; the full "
+                    "head is trained by its own terms.")
             want = target_dim if source == "teacher" else head_dims[source.removeprefix("self:")]
             pointwise = [t for t in ("cos", "nce") if t in terms]
             if pointwise and head_dims[head] != want:

@@ -10,7 +10,13 @@ weights). `load_image_text_model(path)` loads both sides in one call: `encode_te
 the sentence-transformers model itself, `encode_image(paths or PIL images)` runs the image path
 into the same Transformer, Pooling, Dense and Normalize modules.
 
-Usage: python -m mtd.export RUN_OR_STUDENT_DIR OUT_DIR [--head NAME] [--overwrite]
+Usage: python -m mtd.export RUN_OR_STUDENT_DIR OUT_DIR [--head NAME | --dim K | --all] [--overwrite]
+
+--head picks a head by name, --dim by its size: a head of K dims, else a Matryoshka prefix of K
+dims trained in some stage (the head's first K outputs, exported as a Dense of K rows, so the
+folder computes exactly the renormalized prefix). --all writes every head and every trained
+prefix, each to OUT_DIR/NAME (fc1, fc256, fc1@256, ...). A Matryoshka export also works with
+`SentenceTransformer(path, truncate_dim=K)` for any K.
 
 OUT_DIR must be new, or a sentence-transformers folder to replace (with --overwrite); the export
 never writes through a symbolic link or into the run it exports.
@@ -47,21 +53,28 @@ class ExportError(StudentError):
 logger = logging.getLogger(__name__)
 
 
-def to_sentence_transformer(student: Student, tokenizer, head: str, max_length: int):
-    """A SentenceTransformer computing exactly `student`'s normalized `head` vectors."""
+def to_sentence_transformer(student: Student, tokenizer, head: str, max_length: int,
+                            dim: int | None = None):
+    """A SentenceTransformer computing exactly `student`'s normalized `head` vectors, or with `dim`
+    the normalized first `dim` of them (a Matryoshka prefix)."""
     from sentence_transformers import SentenceTransformer, models
 
     if head not in student.heads:
         raise StudentError(f"No head {head!r}; the student has {list(student.heads)}.")
     linear = student.heads[head]
+    if dim is not None and not 0 < dim <= linear.out_features:
+        raise StudentError(f"A prefix of {dim} dims of head {head!r} ({linear.out_features} dims) does "
+                           f"not exist; choose 1 to {linear.out_features}.")
+    rows = slice(0, dim)
     with tempfile.TemporaryDirectory() as tmp:
         student.encoder.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         transformer = models.Transformer(tmp, max_seq_length=max_length)
     pooling = models.Pooling(transformer.get_embedding_dimension(), pooling_mode="mean")
     dense = models.Dense(
-        linear.in_features, linear.out_features, bias=True, activation_function=nn.Identity(),
-        init_weight=linear.weight.detach().cpu().clone(), init_bias=linear.bias.detach().cpu().clone(),
+        linear.in_features, dim or linear.out_features, bias=True, activation_function=nn.Identity(),
+        init_weight=linear.weight[rows].detach().cpu().clone(),
+        init_bias=linear.bias[rows].detach().cpu().clone(),
     )
     return SentenceTransformer(
         modules=[transformer, pooling, dense, models.Normalize()],
@@ -71,7 +84,7 @@ def to_sentence_transformer(student: Student, tokenizer, head: str, max_length: 
 
 
 def export_student(student: Student, tokenizer, out: str | Path, head: str, max_length: int,
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, dim: int | None = None) -> Path:
     """Write the sentence-transformers folder atomically (a temp folder renamed into place).
 
     `out` may be new or, with `overwrite`, an existing sentence-transformers folder; anything else
@@ -79,7 +92,7 @@ def export_student(student: Student, tokenizer, out: str | Path, head: str, max_
     """
     out = Path(out)
     check_out(out, overwrite)
-    model = to_sentence_transformer(student, tokenizer, head, max_length)
+    model = to_sentence_transformer(student, tokenizer, head, max_length, dim)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
@@ -91,7 +104,7 @@ def export_student(student: Student, tokenizer, out: str | Path, head: str, max_
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("Exported head %s (%d dims) to %s", head, student.head_dims[head], out)
+    logger.info("Exported head %s (%d dims) to %s", head, dim or student.head_dims[head], out)
     return out
 
 
@@ -189,26 +202,58 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("source", type=Path, help="a run folder (runs/NAME) or its student/ folder")
     parser.add_argument("out", type=Path, help="where to write the sentence-transformers folder")
-    parser.add_argument("--head", default=None, help="head to export (default: the first)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--head", default=None, help="head to export by name (default: the first)")
+    which.add_argument("--dim", type=int, default=None,
+                       help="head to export by size: a head of DIM dims, else a trained Matryoshka prefix")
+    which.add_argument("--all", action="store_true",
+                       help="every head and trained prefix, each to OUT/NAME")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace OUT when it already holds a sentence-transformers model")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    return cli_main("export", lambda: _export(args.source, args.out, args.head, args.overwrite))
+    return cli_main("export", lambda: _export(args.source, args.out, args.head, args.overwrite,
+                                              args.dim, args.all))
 
 
-def _export(source: Path, out: Path, head: str | None, overwrite: bool) -> None:
+def choose_exports(meta: dict, head: str | None, dim: int | None, every: bool,
+                   source: Path) -> list[tuple[str, str, int | None]]:
+    """(folder name, head, prefix dims or None) of each export asked for, from student.json's
+    heads and Matryoshka prefixes; an unknown head or dim names what there is."""
+    heads: dict[str, int] = meta["heads"]
+    prefixes = {h: list(d) for h, d in meta.get("matryoshka", {}).items()}
+    every_export = [(h, h, None) for h in heads]
+    every_export += [(f"{h}@{d}", h, d) for h, ds in prefixes.items() for d in ds]
+    if every:
+        return every_export
+    if dim is not None:
+        found = [e for e in every_export if (e[2] or heads[e[1]]) == dim]
+        if not found:
+            sizes = sorted({e[2] or heads[e[1]] for e in every_export})
+            raise ExportError(f"No head or Matryoshka prefix of {dim} dims in {source}; it has {sizes} "
+                              f"({', '.join(f'{n}: {d or heads[h]}' for n, h, d in every_export)}). "
+                              "Choose one of those with --dim, or a head by name with --head.")
+        return found[:1]
+    head = head or next(iter(heads))
+    if head not in heads:
+        raise ExportError(f"No head {head!r} in {source}; its heads are {list(heads)}. "
+                          "Choose one with --head.")
+    return [(head, head, None)]
+
+
+def _export(source: Path, out: Path, head: str | None, overwrite: bool, dim: int | None = None,
+            every: bool = False) -> None:
     """Every check that needs no weights comes first: a bad SOURCE, head or OUT fails in a moment."""
     folder = student_folder(source)
-    heads = list(read_json(folder / STUDENT_FILE)["heads"])
-    head = head or heads[0]
-    if head not in heads:
-        raise ExportError(f"No head {head!r} in {source}; its heads are {heads}. Choose one with --head.")
+    exports = choose_exports(read_json(folder / STUDENT_FILE), head, dim, every, source)
     check_outside_run(out, folder)
-    check_out(out, overwrite)
+    outs = [out / name for name, _, _ in exports] if every else [out]
+    for path in outs:
+        check_out(path, overwrite)
     student, tokenizer, max_length = load_student(folder)
     with torch.no_grad():
-        export_student(student, tokenizer, out, head, max_length, overwrite)
+        for path, (_, name, prefix) in zip(outs, exports, strict=True):
+            export_student(student, tokenizer, path, name, max_length, overwrite, prefix)
 
 
 def student_folder(source: Path) -> Path:

@@ -1,6 +1,8 @@
 """The Jasper training objective of one stage: loss terms per head, weighted, as a dict.
 
 Every term is returned under its own name ("fc1/cos", "fc256/sim", ...) so logs see each one;
+a Matryoshka prefix of a head adds its own sim and resim ("fc1@256/sim": the first 256 dims of
+fc1, renormalized, against fc1's target);
 "loss" is the weighted total (Jasper: 10 cos + 200 sim + 20 resim), summed over heads, or averaged
 over heads in image stages (the paper's stage 4).
 
@@ -12,7 +14,7 @@ side). A "self:HEAD" source not in the dict is the student's own output of HEAD 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +27,7 @@ class Objective:
     heads: dict[str, tuple[str, ...]]  # head -> loss terms, e.g. {"fc1": ("cos", "sim", "resim")}
     targets: dict[str, str]  # head -> "teacher" or "self:HEAD" (self-distillation)
     weights: dict[str, float]
+    matryoshka: dict[str, tuple[int, ...]] = field(default_factory=dict)  # head -> prefix dims
     margin: float = 0.015
     resim_chunk_size: int = 1024
     resim_samples: int | None = None
@@ -39,6 +42,7 @@ class Objective:
             heads={h: tuple(t) for h, t in stage.heads.items()},
             targets=dict(stage.targets),
             weights=weights,
+            matryoshka={h: tuple(d) for h, d in stage.matryoshka.items()},
             margin=stage.margin,
             resim_chunk_size=stage.resim_chunk_size,
             resim_samples=stage.resim_samples,
@@ -52,6 +56,13 @@ class Objective:
         """Heads whose outputs the objective reads: trained ones and self-distillation sources."""
         sources = {t.removeprefix("self:") for t in self.targets.values() if t.startswith("self:")}
         return set(self.heads) | sources
+
+    def parts(self) -> list[tuple[str, str, int | None, str]]:
+        """(term name, head, prefix dims or None for the whole head, loss term) of every term."""
+        parts = [(f"{head}/{name}", head, None, name) for head, names in self.heads.items() for name in names]
+        parts += [(f"{head}@{dim}/{name}", head, dim, name)
+                  for head, dims in self.matryoshka.items() for dim in dims for name in ("sim", "resim")]
+        return parts
 
     def target_for(self, head: str, outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]):
         source = self.targets.get(head, "teacher")
@@ -74,11 +85,10 @@ class Objective:
         total = torch.zeros((), dtype=torch.float32, device=device)
         # Float32 even under mixed precision: the margin (0.015) is a few bf16 steps wide.
         with torch.autocast(device_type=device.type, enabled=False):
-            for head, names in self.heads.items():
-                s, t = outputs[head].float(), self.target_for(head, outputs, targets).float()
-                for name in names:
-                    terms[f"{head}/{name}"] = value = self._term(name, s, t, generator)
-                    total = total + self.weights[name] * value
+            for key, head, dim, name in self.parts():
+                s, t = outputs[head].float()[:, :dim], self.target_for(head, outputs, targets).float()
+                terms[key] = value = self._term(name, s, t, generator)
+                total = total + self.weights[name] * value
         terms["loss"] = total / len(self.heads) if self.average_heads else total
         return terms
 
@@ -95,12 +105,11 @@ class Objective:
         norms: dict[str, float] = {}
         with torch.enable_grad(), torch.autocast(next(iter(outputs.values())).device.type, enabled=False):
             vectors = {h: v.detach().float().requires_grad_() for h, v in outputs.items()}
-            for head, names in self.heads.items():
+            for key, head, dim, name in self.parts():
                 t = self.target_for(head, vectors, targets).detach().float()
-                for name in names:
-                    value = self.weights[name] * self._term(name, vectors[head], t, None)
-                    (grad,) = torch.autograd.grad(value, vectors[head])
-                    norms[f"{head}/{name}"] = float(grad.norm())
+                value = self.weights[name] * self._term(name, vectors[head][:, :dim], t, None)
+                (grad,) = torch.autograd.grad(value, vectors[head])
+                norms[key] = float(grad.norm())
         total = sum(norms.values()) or 1.0
         return {k: v / total for k, v in norms.items()}
 

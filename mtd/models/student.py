@@ -218,13 +218,19 @@ def check_positions(student: Student, max_length: int) -> None:
 # Saving, loading, encoding
 
 
-def save_student(student: Student, tokenizer, folder: str | Path, max_length: int) -> None:
-    """mtd's own format: encoder/ (transformers, safetensors), heads.safetensors, student.json."""
+def save_student(student: Student, tokenizer, folder: str | Path, max_length: int,
+                 matryoshka: dict[str, list[int]] | None = None) -> None:
+    """mtd's own format: encoder/ (transformers, safetensors), heads.safetensors, student.json.
+
+    `matryoshka` ({head: prefix dims}) records the prefixes trained as vectors of their own, so an
+    export can offer them by dim."""
     folder = Path(folder)
     student.encoder.save_pretrained(folder / "encoder", safe_serialization=True)
     tokenizer.save_pretrained(folder / "encoder")
     save_file(_cpu_state(student.heads), str(folder / HEADS_FILE))
     meta = {"heads": student.head_dims, "max_length": max_length}
+    if matryoshka:
+        meta["matryoshka"] = {head: sorted(dims) for head, dims in matryoshka.items()}
     if student.image is not None:
         save_file(_cpu_state(student.image), str(folder / IMAGE_FILE))
         meta["image"] = student.image.config()

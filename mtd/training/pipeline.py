@@ -383,7 +383,12 @@ def run(cfg: RunConfig, resume: bool = False) -> Path:
     set_seed(cfg.train.seed)
     student, tokenizer = build_student(cfg, target_dim)
     student.load_state_dict(load_safetensors(final_ckpt / "model.safetensors", CHECKPOINT_FIX))
-    save_student(student, tokenizer, run_dir / "student", cfg.student.max_length)
+    prefixes: dict[str, set[int]] = {}
+    for stage in cfg.stages:
+        for name, dims in stage.matryoshka.items():
+            prefixes.setdefault(name, set()).update(dims)
+    save_student(student, tokenizer, run_dir / "student", cfg.student.max_length,
+                 {name: sorted(dims) for name, dims in prefixes.items()})
     head = cfg.export_head or next(iter(student.heads))
     export_student(student, tokenizer, run_dir / "final", head, cfg.student.max_length, overwrite=True)
     e = cfg.eval
