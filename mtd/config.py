@@ -675,6 +675,15 @@ def check_dims(cfg: RunConfig, head_dims: dict[str, int], target_dim: int) -> No
                 )
 
 
+def check_layers(cfg: RunConfig, layers: int) -> None:
+    """A `last:K` stage needs K encoder layers; checked once the student is built, before stage 1
+    trains (else a student cut to fewer layers would fail only when that stage starts)."""
+    for i, stage in enumerate(cfg.stages):
+        if stage.train.startswith("last:") and int(stage.train[5:]) > layers:
+            raise ConfigError(f"stages.{i}.train={stage.train}: the student's encoder has {layers} "
+                              f"layers. Use last:{layers} or less, or all (stages.{i}.train=all).")
+
+
 def check_batch_sizes(cfg: RunConfig, rows: dict[str, int], processes: int) -> None:
     """Each stage's global batch against its training rows ({"text": N, "images": M}, those read)
     and the number of processes. Checked once the data is read and before any teacher runs: the

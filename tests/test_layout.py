@@ -20,7 +20,7 @@ LAYERS = [
     {"export"},
     {"evaluation"},
     {"training"},
-    {"cache"},  # `python -m mtd.cache`: a run's first step, over the training pipeline
+    {"cache", "layers"},  # commands over the training pipeline: mtd.cache, mtd.layers
 ]
 
 

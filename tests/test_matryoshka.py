@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mtd.config import ConfigError, check_dims
-from mtd.export import choose_exports, main, to_sentence_transformer
+from mtd.export import ExportError, choose_exports, main, to_sentence_transformer
 from mtd.losses.objective import Objective
 from mtd.losses.terms import relative_similarity_loss, similarity_loss
 from mtd.models.student import encode, load_student
@@ -32,7 +32,8 @@ def test_prefix_terms_score_the_renormalized_prefix():
     for dim in (4, 10):
         prefix = s[:, :dim] / s[:, :dim].norm(dim=1, keepdim=True) * 3.0  # scale must not matter
         torch.testing.assert_close(terms[f"fc1@{dim}/sim"], similarity_loss(prefix, t))
-        torch.testing.assert_close(terms[f"fc1@{dim}/resim"], relative_similarity_loss(prefix, t, margin=0.015))
+        resim = relative_similarity_loss(prefix, t, margin=0.015)
+        torch.testing.assert_close(terms[f"fc1@{dim}/resim"], resim)
         assert terms[f"fc1@{dim}/sim"] != plain["fc1/sim"]
     extra = sum(WEIGHTS[n] * terms[f"fc1@{d}/{n}"] for d in (4, 10) for n in ("sim", "resim"))
     torch.testing.assert_close(terms["loss"], plain["loss"] + extra)
@@ -75,7 +76,7 @@ def test_choose_exports_by_name_dim_or_all():
     assert choose_exports(meta, None, 80, False, source) == [("fc1", "fc1", None)]
     assert [e[0] for e in choose_exports(meta, None, None, True, source)] == [
         "fc1", "fc16", "fc1@8", "fc1@16", "fc1@32"]
-    with pytest.raises(Exception, match=r"No head or Matryoshka prefix of 64 dims .*\[8, 16, 32, 80\].*--dim"):
+    with pytest.raises(ExportError, match=r"prefix of 64 dims .*\[8, 16, 32, 80\].*--dim"):
         choose_exports(meta, None, 64, False, source)
 
 

@@ -361,7 +361,8 @@ def set_trainable(student: Student, mode: str, heads: list[str]) -> list[str]:
         blocks = layer_list(student.encoder)
         k = int(mode.removeprefix("last:"))
         if not 0 < k <= len(blocks):
-            raise StudentError(f"train=last:{k} but the encoder has {len(blocks)} layers.")
+            raise StudentError(f"train=last:{k} but the encoder has {len(blocks)} layers; use "
+                               f"last:{len(blocks)} or less, or all, for this stage (stages.N.train).")
         for block in list(blocks)[-k:]:
             block.requires_grad_(True)
     elif mode != "heads":

@@ -17,7 +17,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from mtd.config import RunConfig, check_batch_sizes, check_dims, check_saved_config, dump_config
+from mtd.config import (
+    RunConfig,
+    check_batch_sizes,
+    check_dims,
+    check_layers,
+    check_saved_config,
+    dump_config,
+)
 from mtd.data import images
 from mtd.data.corpus import Corpus, FeatureDataset, TargetDataset, corpus_of, multi_teacher_target
 from mtd.data.tokens import TokenizedTexts
@@ -31,6 +38,7 @@ from mtd.models.student import (
     build_encoder,
     check_positions,
     encode,
+    layer_list,
     load_student,
     pooled_features,
     pooled_features_of,
@@ -361,6 +369,7 @@ def run(cfg: RunConfig, resume: bool = False) -> Path:
     set_seed(cfg.train.seed)
     student, tokenizer = build_student(cfg, target_dim)
     check_dims(cfg, student.head_dims, target_dim or 0)
+    check_layers(cfg, len(layer_list(student.encoder)))
 
     text_data = corpus_stage_data(corpus, arrays, weights, tokenizer, cfg.student.max_length,
                                 accelerator.is_local_main_process) if text_stages else None
