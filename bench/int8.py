@@ -1,7 +1,7 @@
 """int8 for CPU serving: a model as sentence-transformers runs it on torch (fp32), as ONNX (fp32)
 and as dynamically quantized int8 ONNX (mtd/onnx.py), side by side in one process.
 
-    python bench/int8.py [MODEL ...] [--repeats 3] [--threads 2] [--batch1-texts 128] [--out FILE]
+    python bench/int8.py [MODEL ...] [--repeats 2] [--threads 2] [--batch1-texts 64] [--out FILE]
 
 MODEL: sentence-transformers folders (default: models/all-MiniLM-L6-v2, and runs/default/final
 when it exists). Each is copied to a temporary folder, where its ONNX files are written: the
@@ -106,10 +106,13 @@ def bench_model(source: Path, work: Path, sts_files: dict[str, Path], repeats: i
         encode[v](texts[:64], 64)
         encode[v](texts[:4], 1)
     load_before = os.getloadavg()[0]
+    logger.info("exported in %.0f s; timing %d rounds at batch 64 (%d texts) and at batch 1 (%d)",
+                export_s, repeats, len(texts), min(batch1_texts, len(texts)))
     vectors: dict[str, np.ndarray] = {}
     b64 = timed_rounds(encode, texts, 64, repeats, keep=vectors)
     b1 = timed_rounds(encode, texts[:batch1_texts], 1, repeats)
     load_after = os.getloadavg()[0]
+    logger.info("timed; scoring %s", ", ".join(sets))
     row = {t: i for i, t in enumerate(texts)}
     scores: dict[str, dict[str, float]] = {v: {} for v in VARIANTS}
     for name, data in sets.items():
@@ -175,9 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("models", nargs="*", type=Path,
                         help="sentence-transformers folders (default: models/all-MiniLM-L6-v2 and "
                              "runs/default/final when it exists)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed passes per variant and batch size")
+    parser.add_argument("--repeats", type=int, default=2, help="timed passes per variant and batch size")
     parser.add_argument("--threads", type=int, default=2, help="torch and onnxruntime intra-op threads")
-    parser.add_argument("--batch1-texts", type=int, default=128, help="texts encoded one at a time per pass")
+    parser.add_argument("--batch1-texts", type=int, default=64, help="texts encoded one at a time per pass")
     parser.add_argument("--stsb", type=Path, default=DATA / "stsb" / "test.jsonl",
                         help="STS-B test pairs: the timed texts, and a score")
     parser.add_argument("--sickr", type=Path, default=DATA / "sickr" / "test.jsonl", help="SICK-R test pairs")
