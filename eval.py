@@ -6,10 +6,13 @@
 
 MODEL: a sentence-transformers folder, an mtd run (runs/NAME, its final/ export), RUN:HEAD,
 LABEL=MODEL (names it; later MODELs may use the label), A+B (each normalized, concatenated,
-normalized again: the multi-teacher target) or MODEL@DIM (a Matryoshka prefix). Example:
+normalized again: the multi-teacher target), MODEL@DIM (a Matryoshka prefix), or PATH#onnx /
+PATH#int8 (the folder's Transformer run by onnxruntime from onnx/model.onnx or
+onnx/model_qint8_avx512_vnni.onnx, written by `python -m mtd.onnx FOLDER`). Examples:
 
     python eval.py minilm=models/all-MiniLM-L6-v2 mpnet=models/all-mpnet-base-v2 minilm+mpnet \\
         student=runs/default --reference minilm+mpnet
+    python eval.py student=runs/default/final student8=runs/default/final#int8 --tasks sts,speed
 
 Data (--data, default ../shared/data) is found by layout: STS files (sentence1, sentence2, score),
 BEIR folders (corpus.jsonl, queries.jsonl, qrels/), image-caption files (image, captions).

@@ -17,7 +17,7 @@ LAYERS = [
     {"targets"},
     {"models"},
     {"losses"},
-    {"export"},
+    {"export", "onnx"},
     {"evaluation"},
     {"training"},
     {"cache", "layers"},  # commands over the training pipeline: mtd.cache, mtd.layers
@@ -61,7 +61,7 @@ def test_safetensors_are_read_through_one_helper(path):
 
 # Packages only some evaluations use, which a GPU machine may lack: training, the cache CLI and the
 # end-of-run report must import without them.
-EVAL_ONLY = ("faiss", "pytrec_eval", "open_clip")
+EVAL_ONLY = ("faiss", "pytrec_eval", "open_clip", "onnx", "onnxruntime")
 
 
 def test_training_imports_without_evaluation_only_packages():

@@ -9,6 +9,10 @@ Spec grammar (eval.py MODEL arguments):
     A+B               the multi-teacher combination: each part L2-normalized, concatenated,
                       normalized again (what a student is trained to imitate)
     SPEC@DIM          the first DIM dimensions (Matryoshka prefix), renormalized
+    PATH#onnx         PATH's Transformer as onnx/model.onnx in onnxruntime (fp32), the rest of
+                      its modules as they are (mtd/onnx.py)
+    PATH#int8         the same with onnx/model_qint8_avx512_vnni.onnx (dynamic int8); both files
+                      are written by `python -m mtd.onnx FOLDER` (e.g. runs/default/final#int8)
 
 Every model returns L2-normalized float32 (N, D) vectors and has a fingerprint (weights hash,
 prompts, head, dims) so vectors can be cached by model and texts.
@@ -33,6 +37,7 @@ from mtd.io import (
     atomic_save_npy,
     atomic_write_bytes,
     check_safetensors,
+    hash_file,
     hash_folder,
     hash_texts,
     read_json,
@@ -40,6 +45,7 @@ from mtd.io import (
 )
 from mtd.models.student import STUDENT_FILE, load_student
 from mtd.models.student import encode as student_encode
+from mtd.onnx import FP32_FILE, INT8_FILE, OnnxError, check_st_folder, load_onnx_model, require_onnx_file
 from mtd.targets import teachers
 
 logger = logging.getLogger(__name__)
@@ -115,6 +121,28 @@ class ImageTextEncoder(SentenceTransformerEncoder):
     def encode_images(self, images: list, batch_size: int = 32) -> np.ndarray:
         self.model  # noqa: B018  (loads both sides)
         return _normalize(self._both.encode_image(images, batch_size, progress=len(images) > batch_size))
+
+
+@dataclass
+class OnnxEncoder(SentenceTransformerEncoder):
+    """A sentence-transformers folder whose Transformer runs as one of its ONNX files
+    (`PATH#onnx`, `PATH#int8`); prompts and the other modules are the folder's own."""
+
+    file_name: str = FP32_FILE
+
+    @property
+    def model(self):
+        if self._model is None:
+            self._model = load_onnx_model(self.folder, self.file_name)
+        return self._model
+
+    @cached_property
+    def fingerprint(self) -> str:
+        return f"{hash_folder(self.folder)}|{self.file_name}:{hash_file(self.folder / self.file_name)}"
+
+
+# PATH#BACKEND: the ONNX file each backend runs.
+BACKENDS = {"onnx": FP32_FILE, "int8": INT8_FILE}
 
 
 @dataclass
@@ -256,12 +284,15 @@ class ProjectedEncoder:
 
 
 SPEC_FORMS = ("A model is a sentence-transformers folder, an mtd run (runs/NAME), RUN:HEAD, a LABEL "
-              "defined earlier, A+B, or hf:ORG/NAME (a hub model).")
+              "defined earlier, A+B, PATH#onnx, PATH#int8, or hf:ORG/NAME (a hub model).")
 
 
 def _from_path(spec: str, name: str) -> Encoder:
     hub = spec.startswith(HUB_PREFIX)
     rest = spec.removeprefix(HUB_PREFIX)
+    if "#" in rest and not Path(rest).exists():
+        rest, _, backend = rest.rpartition("#")
+        return _onnx_encoder(spec, name, _from_path(HUB_PREFIX + rest if hub else rest, name), backend)
     path, _, head = rest.partition(":") if ":" in rest and not Path(rest).exists() else (rest, "", "")
     try:
         folder = resolve_model(HUB_PREFIX + path if hub else path, f"Model {spec!r}", weights=False)
@@ -280,6 +311,23 @@ def _from_path(spec: str, name: str) -> Encoder:
     if (folder / "image" / "config.json").is_file():  # an mtd export with an image side
         return ImageTextEncoder(name, folder)
     return SentenceTransformerEncoder(name, folder)
+
+
+def _onnx_encoder(spec: str, name: str, base: Encoder, backend: str) -> OnnxEncoder:
+    """`base` (what the spec names before #) served from its ONNX file for `backend`."""
+    if backend not in BACKENDS:
+        raise ModelSpecError(f"Model {spec!r}: unknown backend #{backend}; write #onnx (fp32) or #int8. "
+                             f"{SPEC_FORMS}")
+    if not isinstance(base, SentenceTransformerEncoder):
+        raise ModelSpecError(f"Model {spec!r}: #{backend} serves a sentence-transformers folder, and "
+                             f"{spec.rpartition('#')[0]!r} is one head of an mtd run. Export that head "
+                             "first (python -m mtd.export RUN OUT --head HEAD) and name OUT#" + backend + ".")
+    try:
+        folder = check_st_folder(base.folder)
+        require_onnx_file(folder, BACKENDS[backend])
+    except OnnxError as e:
+        raise ModelSpecError(f"Model {spec!r}: {e}") from None
+    return OnnxEncoder(name, folder, file_name=BACKENDS[backend])
 
 
 def parse_models(specs: list[str]) -> dict[str, Encoder]:
@@ -343,7 +391,8 @@ def student_heads(models: dict[str, Encoder]) -> dict[str, Encoder]:
     """Every other head of each mtd run among `models`, as its own model (eval.py --dims heads)."""
     out = dict(models)
     for label, model in models.items():
-        if isinstance(model, SentenceTransformerEncoder) and model.folder.name == "final":
+        torch_export = isinstance(model, SentenceTransformerEncoder) and not isinstance(model, OnnxEncoder)
+        if torch_export and model.folder.name == "final":
             student = model.folder.parent / "student"
             if (student / STUDENT_FILE).is_file():
                 for head in read_json(student / STUDENT_FILE)["heads"]:
