@@ -18,6 +18,7 @@ LAYERS = [
     {"models"},
     {"losses"},
     {"export"},
+    {"reduce"},  # `python -m mtd.reduce`: a model's smaller vectors, exported like a student
     {"evaluation"},
     {"training"},
     {"cache"},  # `python -m mtd.cache`: a run's first step, over the training pipeline
