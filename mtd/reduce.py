@@ -24,8 +24,9 @@ of the training texts:
 
 Each map is exported as its own sentence-transformers folder, DIR/NAME-METHOD-d: the model's own
 modules, a Normalize when they do not end with one (the map was fitted on normalized vectors),
-Dense(D -> d, no activation) and Normalize. `SentenceTransformer(DIR/NAME-self-256)` loads it with
-no mtd code. The dev texts' sim loss (the MSE of their similarity matrices against the model's
+Dense(D -> d, no activation) and Normalize, with the model's own max_seq_length and prompts
+(--max-length only sets how the corpus is encoded). `SentenceTransformer(DIR/NAME-self-256)` loads
+it with no mtd code. The dev texts' sim loss (the MSE of their similarity matrices against the model's
 full vectors, in batches of --batch-size) is logged before and after fitting.
 """
 
@@ -37,7 +38,7 @@ import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -283,7 +284,7 @@ def reduce_model(model: str, dims: list[int], corpus: list[str], out: str | Path
         fix = "Give more texts or smaller --dims" + (", or --init random" if method == "self" else "")
         raise ReduceError(f"PCA to {max(dims)} dims needs at least {max(dims)} training texts, the corpus "
                           f"gives {n_train}. {fix}.")
-    st = teachers.load_teacher(cfg, folder)
+    st = teachers.load_teacher(replace(cfg, max_length=None), folder)  # exported as published
     dim = teachers.embedding_dim(st)
     check_dims(dims, dim, model)
     vectors = torch.from_numpy(np.asarray(cached_targets([cfg], texts, cache_dir)[0], dtype=np.float32))
@@ -328,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", default=None,
                         help="the model's name in cache and output folders (default: MODEL's last part)")
     parser.add_argument("--max-length", type=int, default=None,
-                        help="tokens per text (default: the model's own max_seq_length)")
+                        help="tokens per corpus text while encoding it (default: the model's own "
+                             "max_seq_length, which the outputs keep)")
     parser.add_argument("--text-field", default="text", help="key of the text in .jsonl files")
     parser.add_argument("--overwrite", action="store_true", help="replace output models that exist")
     return parser

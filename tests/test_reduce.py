@@ -3,6 +3,7 @@ model plus Dense and Normalize."""
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -16,6 +17,7 @@ from mtd.data.corpus import corpus_of, read_corpus
 from mtd.reduce import dev_size_for, fit_self, main, reduce_model
 from mtd.targets.cache import build_teacher_cache, cached_targets
 
+ROOT = Path(__file__).resolve().parents[1]
 TEXTS, DEV = 300, 30  # corpus texts used, held out for dev (a tenth)
 FAST = {"max_texts": TEXTS, "dev_size": DEV, "steps": 40, "batch_size": 16, "lr": 1e-2}
 
@@ -139,8 +141,8 @@ def test_runs_are_reproducible(tiny_assets, cache_dir, tmp_path):
 
 
 def test_cache_is_reused(tiny_assets, tmp_path, monkeypatch):
-    """A second run encodes nothing, and neither does a run on a teacher cache a training run of
-    the same teacher (name, path, max_length) and corpus filled."""
+    """A run on the teacher cache a training run of the same teacher (name, path, max_length) and
+    corpus filled encodes nothing, nor does a second run."""
     from sentence_transformers import SentenceTransformer
 
     cache = tmp_path / "cache"
@@ -158,7 +160,8 @@ def test_cache_is_reused(tiny_assets, tmp_path, monkeypatch):
         reduce_model(teacher.path, [8], [corpus], tmp_path / "out", method=method, name="ta", max_length=16,
                      cache_dir=cache, **FAST)
     assert sorted(cache.iterdir()) == folders
-    assert (tmp_path / "out" / "ta-self-8" / "modules.json").is_file()
+    # max_length set how the corpus was encoded; the output keeps the model's own 32 tokens
+    assert SentenceTransformer(str(tmp_path / "out" / "ta-self-8"), device="cpu").max_seq_length == 32
 
 
 # ------------------------------------------------------------------------------- bad input
@@ -248,3 +251,36 @@ def test_out_inside_the_model(cli, tiny_assets, tmp_path):
     code, said = cli("--out", str(model / "small"), model=model)
     assert code == 2 and "inside the model's folder" in said
     assert not (model / "small").exists()
+
+
+# ------------------------------------------------------------------------- bench/reduce_table.py
+
+
+@pytest.fixture(scope="module")
+def reduce_table(bench_script):
+    return bench_script("reduce_table")
+
+
+def test_bench_scores_what_eval_py_scores(reduce_table, tiny_assets, unseen_data, tmp_path):
+    """The table's scores, derived from the full model's vectors through each output's Dense,
+    equal eval.py's on the exported folders; both methods and sizes, the full model first."""
+    common = ["--model", str(tiny_assets / "teacher_a"), "--name", "ta", "--max-length", "16",
+              "--corpus", str(tiny_assets / "corpus.txt"), "--max-texts", str(TEXTS), "--dims", "16,8",
+              "--cache-dir", str(tmp_path / "cache"), "--eval-cache", str(tmp_path / "vectors"),
+              "--data", str(unseen_data), "--threads", "1", *flags(steps=20, batch_size=16, dev_size=DEV)]
+    derived, by_eval = tmp_path / "derived.json", tmp_path / "eval.json"
+    assert reduce_table.main([*common, "--work", str(tmp_path / "a"), "--out", str(derived)]) == 0
+    assert reduce_table.main([*common, "--work", str(tmp_path / "b"), "--out", str(by_eval),
+                              "--eval-cli"]) == 0
+    ours, theirs = json.loads(derived.read_text()), json.loads(by_eval.read_text())
+    labels = {"self-16", "pca-16", "self-8", "pca-8"}
+    assert set(ours["scoring"]["max_abs_diff_own_vs_derived"]) == labels
+    assert max(ours["scoring"]["max_abs_diff_own_vs_derived"].values()) < 1e-5
+    assert set(ours["scores"]) == {"ta", *labels} == set(theirs["scores"])
+    for model, scores in ours["scores"].items():
+        assert set(scores) == {"my-sts/test spearman", "my-ir/test ndcg@10"}
+        assert scores == pytest.approx(theirs["scores"][model], abs=1e-3), model
+    table = derived.with_suffix(".md").read_text().splitlines()
+    assert [line.split(" | ")[:2] for line in table[2:7]] == [
+        ["| full", "ta"], ["| 16", "self"], ["| 16", "pca"], ["| 8", "self"], ["| 8", "pca"]]
+    assert "--eval-cli" not in table[-1] and "--dims 16,8" in table[-1]
