@@ -62,6 +62,14 @@ CHECK_SENTENCES, CHECK_DOCUMENTS = 32, 8  # texts on which each output's vectors
 GOAL = (256, 99.0)  # the self-distilled 256-d output should keep 99% of the full model's scores
 
 
+def _rel(path: str | Path) -> str:
+    """A path inside the project as relative to it (results name no checkout)."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def _normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
@@ -135,7 +143,8 @@ def run_reductions(args: argparse.Namespace, extra: list[str]) -> dict[str, dict
         argv = reduce_argv(args, method, extra)
         t0 = time.perf_counter()
         rows = reduce.run(reduce.build_parser().parse_args(argv))
-        out[method] = {"command": "python -m mtd.reduce " + shlex.join(argv),
+        shown = [_rel(a) if Path(a).is_absolute() else a for a in argv]
+        out[method] = {"command": "python -m mtd.reduce " + shlex.join(shown),
                        "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
         logger.info("%s: %.0f s", method, out[method]["seconds"])
     return out
@@ -258,7 +267,7 @@ def body(args: argparse.Namespace, extra: list[str]) -> None:
     t0 = time.perf_counter()
     if args.eval_cli:
         rows, cmd = score_cli(args, folders)
-        scoring = {"how": "eval.py on every folder", "command": shlex.join(cmd)}
+        scoring = {"how": "eval.py on every folder", "command": shlex.join(cmd).replace(f"{ROOT}/", "")}
     else:
         rows, diffs = score_derived(args, folders)
         scoring = {"how": "derived from the full model's vectors through each output's Dense",
@@ -266,8 +275,8 @@ def body(args: argparse.Namespace, extra: list[str]) -> None:
     scoring["seconds"] = round(time.perf_counter() - t0, 1)
     scores = main_scores(rows)
     text, retention = table(scores, args.name, reductions)
-    result = {"started": started, "machine": machine(), "settings": {k: str(v) if isinstance(v, Path) else v
-                                                                      for k, v in vars(args).items()},
+    settings = {k: _rel(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    result = {"started": started, "machine": machine(), "settings": settings,
               "reduce_flags": extra, "reductions": reductions, "scoring": scoring, "scores": scores,
               "retention_%": retention, "goal": goal(retention), "table": text, "results": rows}
     atomic_write_json(args.out, result)
@@ -286,7 +295,7 @@ def argv_of(args: argparse.Namespace, extra: list[str]) -> list[str]:
             continue
         flag = "--" + key.replace("_", "-")
         values = [] if value is True else value if isinstance(value, list) else [value]
-        out += [flag, *map(str, values)]
+        out += [flag, *(_rel(v) if isinstance(v, Path) else str(v) for v in values)]
     return [*out, *extra]
 
 
