@@ -30,6 +30,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -93,19 +94,29 @@ def export_student(student: Student, tokenizer, out: str | Path, head: str, max_
     out = Path(out)
     check_out(out, overwrite)
     model = to_sentence_transformer(student, tokenizer, head, max_length, dim)
+
+    def write(tmp: Path) -> None:
+        model.save(str(tmp))
+        if student.image is not None:
+            save_image_side(student, tmp / IMAGE_DIR, head)
+
+    save_folder(out, write)
+    logger.info("Exported head %s (%d dims) to %s", head, dim or student.head_dims[head], out)
+    return out
+
+
+def save_folder(out: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` fills a temporary folder beside `out`, which then replaces `out` atomically
+    (_replace); a failure leaves `out` as it was. The caller checks `out` first (check_out)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700; an export is meant to be shared
-        model.save(str(tmp))
-        if student.image is not None:
-            save_image_side(student, tmp / IMAGE_DIR, head)
+        write(tmp)
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("Exported head %s (%d dims) to %s", head, dim or student.head_dims[head], out)
-    return out
 
 
 def check_out(out: Path, overwrite: bool) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
-from collections.abc import Callable
+import random
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -82,3 +85,49 @@ def offline_datasets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
     return datasets
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+@pytest.fixture
+def unseen_data(tiny_assets: Path, tmp_path: Path) -> Path:
+    """A made-up STS set (tsv) and a made-up BEIR set built from the tiny corpus (eval.py's data
+    layouts)."""
+    texts = (tiny_assets / "corpus.txt").read_text().splitlines()[:60]
+    rng = random.Random(0)
+    root = tmp_path / "data"
+    sts = root / "my-sts" / "test.tsv"
+    sts.parent.mkdir(parents=True)
+    lines = ["sentence1\tsentence2\tscore"]
+    lines += [f"{texts[i]}\t{texts[i + 1]}\t{rng.uniform(0, 5):.2f}" for i in range(0, 40, 2)]
+    sts.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    beir = root / "my-ir"
+    corpus = [{"_id": f"d{i}", "title": "", "text": t} for i, t in enumerate(texts)]
+    _write_jsonl(beir / "corpus.jsonl", corpus)
+    _write_jsonl(beir / "queries.jsonl", [{"_id": f"q{i}", "text": texts[i][:20]} for i in range(10)])
+    qrels = ["query-id\tcorpus-id\tscore"] + [f"q{i}\td{i}\t{1 + i % 2}" for i in range(10)]
+    (beir / "qrels").mkdir()
+    (beir / "qrels" / "test.tsv").write_text("\n".join(qrels) + "\n", encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="session")
+def bench_script() -> Iterator[Callable]:
+    """bench_script(NAME) -> bench/NAME.py as a module, registered in sys.modules (its dataclasses
+    look their module up there) until the session ends."""
+    loaded = []
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        loaded.append(spec.name)
+        spec.loader.exec_module(module)
+        return module
+
+    yield load
+    for name in loaded:
+        sys.modules.pop(name, None)

@@ -89,6 +89,12 @@ def test_missing_file_and_wrong_suffix(tmp_path):
         read_corpus([csv])
 
 
+def test_blank_corpus(tmp_path):
+    path = _write(tmp_path / "a.txt", ["", "  "])
+    with pytest.raises(CorpusError, match="holds no text"):
+        read_corpus([path])
+
+
 def test_too_few_texts_for_dev_size(tmp_path):
     path = _write(tmp_path / "a.txt", ["a", "b", "c"])
     with pytest.raises(CorpusError, match="dev_size=3"):

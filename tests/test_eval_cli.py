@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 import re
 import shutil
 import sys
@@ -14,32 +13,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import eval as eval_cli  # noqa: E402  (the entry script at the project root)
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-
-
-@pytest.fixture
-def unseen_data(tiny_assets: Path, tmp_path: Path) -> Path:
-    """A made-up STS set (tsv) and a made-up BEIR set built from the tiny corpus."""
-    texts = (tiny_assets / "corpus.txt").read_text().splitlines()[:60]
-    rng = random.Random(0)
-    root = tmp_path / "data"
-    sts = root / "my-sts" / "test.tsv"
-    sts.parent.mkdir(parents=True)
-    lines = ["sentence1\tsentence2\tscore"]
-    lines += [f"{texts[i]}\t{texts[i + 1]}\t{rng.uniform(0, 5):.2f}" for i in range(0, 40, 2)]
-    sts.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    beir = root / "my-ir"
-    corpus = [{"_id": f"d{i}", "title": "", "text": t} for i, t in enumerate(texts)]
-    _write_jsonl(beir / "corpus.jsonl", corpus)
-    _write_jsonl(beir / "queries.jsonl", [{"_id": f"q{i}", "text": texts[i][:20]} for i in range(10)])
-    qrels = ["query-id\tcorpus-id\tscore"] + [f"q{i}\td{i}\t{1 + i % 2}" for i in range(10)]
-    (beir / "qrels").mkdir()
-    (beir / "qrels" / "test.tsv").write_text("\n".join(qrels) + "\n", encoding="utf-8")
-    return root
 
 
 def test_eval_scores_unseen_folders_with_retention(tiny_assets, unseen_data, tmp_path, capsys):

@@ -18,6 +18,7 @@ LAYERS = [
     {"models"},
     {"losses"},
     {"export", "onnx"},
+    {"reduce"},  # `python -m mtd.reduce`: a model's smaller vectors, exported like a student
     {"evaluation"},
     {"training"},
     {"cache", "layers"},  # commands over the training pipeline: mtd.cache, mtd.layers

@@ -150,6 +150,9 @@ def read_corpus(
         random.Random(seed).shuffle(texts)
     if max_texts is not None:
         texts = texts[:max_texts]
+    if not texts:
+        raise CorpusError(f"The corpus {[str(p) for p in paths]} holds no text (every line is blank). "
+                          "Give files with one text per line (.txt) or per JSON record (.jsonl).")
     if len(texts) <= dev_size:
         raise CorpusError(
             f"The corpus {[str(p) for p in paths]} has {len(texts)} usable texts, not enough for "
