@@ -161,14 +161,21 @@ def dev_sim_loss(vectors: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         return float(np.mean([float(similarity_loss(b @ weight.T + bias, b)) for b in batches]))
 
 
-def fit_pca(train: torch.Tensor, dims: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """{d: (weight (d, D), bias (d,))}: the vectors centered and projected onto their first d
-    principal components; each component's largest entry is positive (a reproducible sign)."""
-    x = train.double()
+def principal_axes(vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean (D,), axes (min(N, D), D)) of `vectors` (N, D) in float64: the principal axes of the
+    centered vectors, largest variance first, each with its largest entry positive (a
+    reproducible sign)."""
+    x = vectors.double()
     mean = x.mean(dim=0)
     _, _, vh = torch.linalg.svd(x - mean, full_matrices=False)
     signs = torch.sign(vh.gather(1, vh.abs().argmax(dim=1, keepdim=True)))
-    vh = vh * signs
+    return mean, vh * signs
+
+
+def fit_pca(train: torch.Tensor, dims: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """{d: (weight (d, D), bias (d,))}: the vectors centered and projected onto their first d
+    principal components (principal_axes)."""
+    mean, vh = principal_axes(train)
     return {d: (vh[:d].float(), (-vh[:d] @ mean).float()) for d in dims}
 
 

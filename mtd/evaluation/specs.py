@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import torch
 
 from mtd import config
 from mtd.errors import MtdError
@@ -46,6 +47,7 @@ from mtd.io import (
 from mtd.models.student import STUDENT_FILE, load_student
 from mtd.models.student import encode as student_encode
 from mtd.onnx import FP32_FILE, INT8_FILE, OnnxError, check_st_folder, load_onnx_model, require_onnx_file
+from mtd.reduce import principal_axes
 from mtd.targets import teachers
 
 logger = logging.getLogger(__name__)
@@ -257,9 +259,8 @@ class ProjectedEncoder:
         if not 1 <= dim <= min(x.shape):
             raise ModelSpecError(f"{name}: PCA to {dim} dimensions needs 1 <= dim <= min(N, D) of the "
                                  f"{x.shape} fitting vectors; lower the dimension or fit on more texts.")
-        mean = x.mean(axis=0)
-        _, _, vt = np.linalg.svd(x - mean, full_matrices=False)  # rows: principal axes, largest first
-        return cls(name, inner, mean.astype(np.float32), vt[:dim].astype(np.float32))
+        mean, axes = principal_axes(torch.from_numpy(x))  # python -m mtd.reduce --method pca's
+        return cls(name, inner, mean.float().numpy(), axes[:dim].float().numpy())
 
     @cached_property
     def fingerprint(self) -> str:
