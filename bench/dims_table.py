@@ -22,13 +22,13 @@ import logging
 import os
 from pathlib import Path
 
-from peers import replace_section
+from peers import write_section
 
 import mtd  # noqa: F401  (compat shims before transformers)
 from mtd.config import load_config
 from mtd.evaluation.specs import ProjectedEncoder, cached_encode, parse_models
 from mtd.evaluation.suite import MAIN_METRIC, evaluate_all
-from mtd.io import atomic_write_json, atomic_write_text, read_json
+from mtd.io import atomic_write_json, read_json
 from mtd.training.pipeline import load_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,9 +115,8 @@ full fc1's scores.
 
 {markdown}
 """
-    old = docs.read_text(encoding="utf-8") if docs.is_file() else ""
-    atomic_write_text(docs, replace_section(old, "Dimensions", section))
-    logger.info("Wrote %s and the Dimensions section of %s", out, docs)
+    write_section(docs, "Dimensions", section)
+    logger.info("Wrote %s", out)
     return 0
 
 

@@ -598,6 +598,13 @@ def replace_section(text: str, heading: str, body: str) -> str:
     return text[: match.start()] + section + ("\n" + tail if tail else "")
 
 
+def write_section(docs: Path, heading: str, body: str) -> None:
+    """Rewrite the `## heading` section of the Markdown file `docs` (replace_section), atomically."""
+    old = docs.read_text(encoding="utf-8") if docs.is_file() else ""
+    atomic_write_text(docs, replace_section(old, heading, body))
+    logger.info("Wrote the %s section of %s", heading, docs)
+
+
 def docs_body(args, setup: Setup, quality: str, legend: str, speed: str) -> str:
     command = " ".join(["python bench/peers.py", *(f"--student {_rel(s)}" for s in args.student)])
     s = setup.cfg.student
@@ -735,10 +742,7 @@ def body(args: argparse.Namespace) -> int:
         "tables": {"quality": quality, "throughput": speed_md}})
     logger.info("Wrote %s", args.out)
     if args.docs is not None:
-        old = args.docs.read_text(encoding="utf-8") if args.docs.is_file() else ""
-        section = docs_body(args, setup, quality, legend, speed_md)
-        atomic_write_text(args.docs, replace_section(old, "Peers", section))
-        logger.info("Wrote the Peers section of %s", args.docs)
+        write_section(args.docs, "Peers", docs_body(args, setup, quality, legend, speed_md))
     return 0
 
 
