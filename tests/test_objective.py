@@ -71,3 +71,14 @@ def test_gradient_shares_are_each_terms_part_of_the_output_gradient():
     mean_shares = _objective(cos_reduction="mean").gradient_shares(outputs, teacher)
     assert mean_shares["fc1/cos"] < shares["fc1/cos"] / 4
     assert not any(v.requires_grad for v in outputs.values())  # measured on copies
+
+
+def test_a_self_target_teaches_without_learning():
+    """A self-distilled head (fc8 <- self:fc1) sends no gradient into the head that teaches it."""
+    outputs, teacher = _batch(2)
+    outputs = {h: v.clone().requires_grad_() for h, v in outputs.items()}
+    only_fc8 = Objective(heads={"fc8": ("sim", "resim")}, targets={"fc8": "self:fc1"},
+                         weights={"sim": 200.0, "resim": 20.0})
+    only_fc8(outputs, teacher)["loss"].backward()
+    assert outputs["fc8"].grad.abs().sum() > 0
+    assert outputs["fc1"].grad is None
