@@ -445,7 +445,7 @@ def _check_train_mode(stage: StageConfig, where: str) -> None:
         if stage.captions not in ("mean", "sample"):
             raise ConfigError(f"{where}.captions={stage.captions!r}: use mean or sample.")
     elif stage.train not in ("heads", "all") and not (
-        stage.train.startswith("last:") and stage.train[5:].isdigit()
+        stage.train.startswith("last:") and stage.train[5:].isdigit() and int(stage.train[5:]) > 0
     ):
         raise ConfigError(f"{where}.train={stage.train!r}: use heads, all, or last:K (e.g. last:3).")
 
@@ -469,6 +469,10 @@ def _check_stage(stage: StageConfig, heads: dict[str, Any], where: str) -> None:
                 f"{where}.targets.{head}={target!r}: use 'teacher' or 'self:HEAD' "
                 f"with HEAD one of {list(heads)}."
             )
+    if stage.matryoshka and stage.data != "text":
+        raise ConfigError(f"{where}.matryoshka: prefixes train in text stages only (an image stage's "
+                          "frozen text side has no prefix to match). List them in a text stage; the "
+                          "image vectors share them through the same head.")
     for head, dims in stage.matryoshka.items():
         if head not in stage.heads:
             raise ConfigError(f"{where}.matryoshka: head '{head}' is not trained in this stage; "
@@ -636,6 +640,8 @@ def validate(cfg: RunConfig) -> None:
     heads = {} if cfg.student.init in FULL_STUDENT_INITS else cfg.student.heads
     for i, stage in enumerate(cfg.stages):
         _check_stage(stage, heads, f"stages.{i}")
+    if cfg.student.layers is not None and cfg.student.init in ("teacher", "pretrained"):
+        check_layers(cfg, len(cfg.student.layers))  # the rest once the student is built
     stage_names = [s.name for s in cfg.stages]
     if len(set(stage_names)) != len(stage_names):
         raise ConfigError(f"Stage names must be unique (they name checkpoints), got {stage_names}.")

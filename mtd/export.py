@@ -15,7 +15,8 @@ Usage: python -m mtd.export RUN_OR_STUDENT_DIR OUT_DIR [--head NAME | --dim K | 
 --head picks a head by name, --dim by its size: a head of K dims, else a Matryoshka prefix of K
 dims trained in some stage (the head's first K outputs, exported as a Dense of K rows, so the
 folder computes exactly the renormalized prefix). --all writes every head and every trained
-prefix, each to OUT_DIR/NAME (fc1, fc256, fc1@256, ...). A Matryoshka export also works with
+prefix, each to OUT_DIR/NAME (fc1, fc256, fc1-256 for fc1's first 256 dims, ...; not fc1@256,
+which eval.py would read as a prefix of OUT_DIR/fc1). A Matryoshka export also works with
 `SentenceTransformer(path, truncate_dim=K)` for any K.
 
 OUT_DIR must be new, or a sentence-transformers folder to replace (with --overwrite); the export
@@ -143,7 +144,12 @@ def _replace(new: Path, out: Path) -> None:
         return
     old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
     out.rename(old / out.name)
-    new.rename(out)
+    try:
+        new.rename(out)
+    except BaseException:
+        (old / out.name).rename(out)  # the old folder back where it was
+        old.rmdir()
+        raise
     shutil.rmtree(old)
 
 
@@ -234,7 +240,7 @@ def choose_exports(meta: dict, head: str | None, dim: int | None, every: bool,
     heads: dict[str, int] = meta["heads"]
     prefixes = {h: list(d) for h, d in meta.get("matryoshka", {}).items()}
     every_export = [(h, h, None) for h in heads]
-    every_export += [(f"{h}@{d}", h, d) for h, ds in prefixes.items() for d in ds]
+    every_export += [(f"{h}-{d}", h, d) for h, ds in prefixes.items() for d in ds]
     if every:
         return every_export
     if dim is not None:

@@ -67,11 +67,19 @@ def parse_keep(keep: str, path: str) -> list[int]:
 
 
 def layer_config(teacher: str, keep: list[int], base: Path, name: str | None, overrides: list[str]):
-    """--config with TEACHER as the only teacher and as the student, cut to `keep`."""
+    """--config with TEACHER as the only teacher and as the student, cut to `keep`. A teacher of
+    --config with the same path keeps its settings (name, max_length, batch size: its target cache
+    is reused); another gets the student's max_length, so both read the same tokens."""
+    recipe = load_config(base, overrides)
+    where = Path(teacher).expanduser().resolve()
+    same = [t for t in recipe.teachers if Path(t.path).expanduser().resolve() == where]
     tag = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(teacher.rstrip("/")).name) or "teacher"
     q = json.dumps
+    settings = ({"name": same[0].name, "max_length": same[0].max_length, "batch_size": same[0].batch_size}
+                if same else {"name": tag, "max_length": recipe.student.max_length})
+    entry = ", ".join(f"{k}: {q(v)}" for k, v in settings.items() if v is not None)
     return load_config(base, [
-        f"teachers=[{{name: {q(tag)}, path: {q(teacher)}}}]",
+        f"teachers=[{{{entry}, path: {q(teacher)}}}]",
         "student.init=teacher", f"student.path={q(teacher)}", f"student.layers={q(keep)}",
         f"name={q(name or tag + '-layers-' + '-'.join(map(str, keep)))}",
         *overrides,

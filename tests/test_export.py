@@ -199,3 +199,24 @@ def test_export_refuses_to_replace_a_folder_that_is_not_a_model(tmp_path):
     with pytest.raises(StudentError, match="refusing to replace"):
         export_student(None, None, precious, "fc1", 16)  # refused before the student is touched
     assert (precious / "keep.txt").read_text() == "data"
+
+
+def test_a_failed_swap_puts_the_old_model_back(tmp_path, monkeypatch):
+    from mtd import export
+
+    out, new = tmp_path / "st", tmp_path / "new"
+    for folder, text in ((out, "old"), (new, "new")):
+        folder.mkdir()
+        (folder / "modules.json").write_text(text)
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if self == new:
+            raise OSError("disk went away")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(OSError, match="disk went away"):
+        export._replace(new, out)
+    assert (out / "modules.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "st"]  # no hidden .old folder left

@@ -37,10 +37,11 @@ def test_keep_is_checked_against_the_teacher(tiny_assets):
 
 def test_the_config_has_the_teacher_alone_as_teacher_and_student(tiny_assets):
     teacher = str(tiny_assets / "teacher_a")
-    cfg = layer_config(teacher, [1], ROOT / "configs" / "default.yaml", None, ["train.seed=3"])
-    assert [(t.name, t.path) for t in cfg.teachers] == [("teacher_a", teacher)]
-    assert (cfg.student.init, cfg.student.path, cfg.student.layers) == ("teacher", teacher, [1])
-    assert cfg.name == "teacher_a-layers-1" and cfg.train.seed == 3
+    cfg = layer_config(teacher, [1, 0], ROOT / "configs" / "default.yaml", None, ["train.seed=3"])
+    # a teacher the recipe does not have reads the student's tokens
+    assert [(t.name, t.path, t.max_length) for t in cfg.teachers] == [("teacher_a", teacher, 128)]
+    assert (cfg.student.init, cfg.student.path, cfg.student.layers) == ("teacher", teacher, [1, 0])
+    assert cfg.name == "teacher_a-layers-1-0" and cfg.train.seed == 3
     assert [s.steps for s in cfg.stages] == [300, 500, 400]  # the recipe is the default's
 
 
@@ -66,3 +67,11 @@ def test_a_run_distills_the_kept_layers(tiny_assets, tmp_path, caplog):
     assert main([str(teacher), "--keep", "5", *overrides]) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and re.search(r"has 2 layers; keep 1 to 2", errors[0]), errors
+
+
+def test_a_teacher_of_the_recipe_keeps_its_settings():
+    """mpnet as in configs/default.yaml (name, max_length, batch size): its target cache is reused."""
+    cfg = layer_config("models/all-mpnet-base-v2", [0, 11], ROOT / "configs" / "default.yaml", None, [])
+    (teacher,) = cfg.teachers
+    assert (teacher.name, teacher.max_length, teacher.batch_size) == ("mpnet", 128, 64)
+    assert cfg.name == "all-mpnet-base-v2-layers-0-11"

@@ -72,10 +72,10 @@ def test_choose_exports_by_name_dim_or_all():
     assert choose_exports(meta, None, None, False, source) == [("fc1", "fc1", None)]
     assert choose_exports(meta, "fc16", None, False, source) == [("fc16", "fc16", None)]
     assert choose_exports(meta, None, 16, False, source) == [("fc16", "fc16", None)]  # a head first
-    assert choose_exports(meta, None, 32, False, source) == [("fc1@32", "fc1", 32)]
+    assert choose_exports(meta, None, 32, False, source) == [("fc1-32", "fc1", 32)]
     assert choose_exports(meta, None, 80, False, source) == [("fc1", "fc1", None)]
     assert [e[0] for e in choose_exports(meta, None, None, True, source)] == [
-        "fc1", "fc16", "fc1@8", "fc1@16", "fc1@32"]
+        "fc1", "fc16", "fc1-8", "fc1-16", "fc1-32"]
     with pytest.raises(ExportError, match=r"prefix of 64 dims .*\[8, 16, 32, 80\].*--dim"):
         choose_exports(meta, None, 64, False, source)
 
@@ -99,9 +99,9 @@ def test_run_records_prefixes_and_exports_them(matryoshka_run, tmp_path, tiny_as
     student, tokenizer, max_length = load_student(matryoshka_run / "student")
     full = encode(student, tokenizer, texts, "fc1", max_length)
     assert main([str(matryoshka_run), str(tmp_path / "all"), "--all"]) == 0
-    assert {p.name for p in (tmp_path / "all").iterdir()} == {"fc1", "fc16", "fc1@8", "fc1@24"}
+    assert {p.name for p in (tmp_path / "all").iterdir()} == {"fc1", "fc16", "fc1-8", "fc1-24"}
     assert main([str(matryoshka_run), str(tmp_path / "d24"), "--dim", "24"]) == 0
-    for folder in (tmp_path / "all" / "fc1@24", tmp_path / "d24"):
+    for folder in (tmp_path / "all" / "fc1-24", tmp_path / "d24"):
         got = SentenceTransformer(str(folder), device="cpu").encode(texts)
         want = full[:, :24] / np.linalg.norm(full[:, :24], axis=1, keepdims=True)
         np.testing.assert_allclose(got, want, atol=1e-5)
@@ -111,7 +111,7 @@ def test_run_records_prefixes_and_exports_them(matryoshka_run, tmp_path, tiny_as
     caplog.clear()
     assert main([str(matryoshka_run), str(tmp_path / "x"), "--dim", "12"]) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert len(errors) == 1 and re.search(r"of 12 dims .*fc1@8: 8.*--dim", errors[0]), errors
+    assert len(errors) == 1 and re.search(r"of 12 dims .*fc1-8: 8.*--dim", errors[0]), errors
     assert not (tmp_path / "x").exists()
 
 
@@ -126,3 +126,23 @@ def test_prefix_export_refuses_a_prefix_beyond_the_head(tiny_assets):
     student = Student(AutoModel.from_config(config), {"fc1": 10})
     with pytest.raises(StudentError, match=r"prefix of 11 dims .*choose 1 to 10"):
         to_sentence_transformer(student, tokenizer, "fc1", 16, dim=11)
+
+
+def test_prefixes_train_in_text_stages_only_and_last_k_is_checked_at_load(tiny_config):
+    from mtd.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    with pytest.raises(ConfigError, match=r"stages\.3\.matryoshka: prefixes train in text stages only"):
+        load_config(root / "configs" / "tiny-multimodal.yaml", ["stages.3.matryoshka={fc1: [8]}"])
+    with pytest.raises(ConfigError, match=r"stages\.1\.train='last:0': use heads, all, or last:K"):
+        tiny_config("stages.1.train=last:0")
+    with pytest.raises(ConfigError, match=r"stages\.1\.train=last:3: the student's encoder has 2 layers"):
+        tiny_config("student.init=teacher", "student.layers=[0, 1]", "stages.1.train=last:3")
+
+
+def test_a_run_from_a_run_keeps_the_prefixes_it_was_given(matryoshka_run, tiny_config):
+    from mtd.training.pipeline import trained_prefixes
+
+    from_run = tiny_config("student.init=run", f"student.path={json.dumps(str(matryoshka_run))}")
+    assert trained_prefixes(from_run) == {"fc1": [8, 24]}
+    assert trained_prefixes(tiny_config()) == {}

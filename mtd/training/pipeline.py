@@ -31,9 +31,10 @@ from mtd.data.tokens import TokenizedTexts
 from mtd.evaluation import report
 from mtd.export import export_student
 from mtd.hf import resolve_model
-from mtd.io import atomic_write_text, check_writable_dir, hash_texts, load_safetensors
+from mtd.io import atomic_write_text, check_writable_dir, hash_texts, load_safetensors, read_json
 from mtd.models.projection import ImagePath, special_ids
 from mtd.models.student import (
+    STUDENT_FILE,
     Student,
     build_encoder,
     check_positions,
@@ -88,6 +89,15 @@ def student_folder(cfg: RunConfig) -> str | None:
     if s.path is None:
         return None
     return str(resolve_model(s.path, "student.path", weights=s.init not in ("scratch", "run")))
+
+
+def trained_prefixes(cfg: RunConfig) -> dict[str, list[int]]:
+    """The Matryoshka prefixes the student comes with: those its source run trained (init: run)."""
+    if cfg.student.init != "run":
+        return {}
+    folder = Path(student_folder(cfg))
+    folder = folder / "student" if (folder / "student").is_dir() else folder
+    return read_json(folder / STUDENT_FILE).get("matryoshka", {})
 
 
 def check_model_paths(cfg: RunConfig) -> None:
@@ -369,7 +379,8 @@ def run(cfg: RunConfig, resume: bool = False) -> Path:
     set_seed(cfg.train.seed)
     student, tokenizer = build_student(cfg, target_dim)
     check_dims(cfg, student.head_dims, target_dim or 0)
-    check_layers(cfg, len(layer_list(student.encoder)))
+    if any(stage.train.startswith("last:") for stage in cfg.stages):
+        check_layers(cfg, len(layer_list(student.encoder)))
 
     text_data = corpus_stage_data(corpus, arrays, weights, tokenizer, cfg.student.max_length,
                                 accelerator.is_local_main_process) if text_stages else None
@@ -392,8 +403,8 @@ def run(cfg: RunConfig, resume: bool = False) -> Path:
     set_seed(cfg.train.seed)
     student, tokenizer = build_student(cfg, target_dim)
     student.load_state_dict(load_safetensors(final_ckpt / "model.safetensors", CHECKPOINT_FIX))
-    prefixes: dict[str, set[int]] = {}
-    for stage in cfg.stages:
+    prefixes = {name: set(dims) for name, dims in trained_prefixes(cfg).items()}
+    for stage in cfg.stages:  # text stages only: the config refuses prefixes elsewhere
         for name, dims in stage.matryoshka.items():
             prefixes.setdefault(name, set()).update(dims)
     save_student(student, tokenizer, run_dir / "student", cfg.student.max_length,
