@@ -140,7 +140,7 @@ class StageConfig:
     targets: dict[str, str] = field(default_factory=dict)
     # head -> prefix dims trained as vectors of their own (Matryoshka): sim + resim on each
     # renormalized prefix against the head's target, beside the head's own terms
-    matryoshka: dict[str, list[int]] = field(default_factory=dict)
+    matryoshka: dict[str, list[int]] = num(factory=dict, ge=1)
     weights: dict[str, float] = num(
         factory=lambda: {"cos": 10.0, "sim": 200.0, "resim": 20.0, "nce": 1.0}, ge=0
     )  # Jasper paper, section 3; nce (InfoNCE against the in-batch targets) only where listed
@@ -477,9 +477,9 @@ def _check_stage(stage: StageConfig, heads: dict[str, Any], where: str) -> None:
         if head not in stage.heads:
             raise ConfigError(f"{where}.matryoshka: head '{head}' is not trained in this stage; "
                               f"its heads: {list(stage.heads)}.")
-        if not dims or min(dims) < 1:  # whole numbers: the typed parse checks that
-            raise ConfigError(f"{where}.matryoshka.{head}={dims!r}: give a list of prefix sizes, "
-                              "whole numbers of at least 1, e.g. [64, 128, 256].")
+        if not dims:  # whole numbers of at least 1: the typed parse and the range check that
+            raise ConfigError(f"{where}.matryoshka.{head}=[]: give a list of prefix sizes, e.g. "
+                              "[64, 128, 256], or leave the head out.")
         if len(set(dims)) != len(dims):
             raise ConfigError(f"{where}.matryoshka.{head}={dims!r}: a prefix size appears twice; "
                               "list each once.")
@@ -513,13 +513,13 @@ def check_ranges(cfg: Any, where: str = "") -> None:
 
 
 def _numbers(value: Any, key: str) -> list[tuple[str, float]]:
-    """(dotted key, number) for a numeric field's value: itself, or each item of a list or dict."""
+    """(dotted key, number) for a numeric field's value: itself, or each number inside its lists
+    and dicts (e.g. stages.N.matryoshka.fc1.0)."""
     if value is None:
         return []
-    if isinstance(value, list):
-        return [(f"{key}.{i}", v) for i, v in enumerate(value)]
-    if isinstance(value, dict):
-        return [(f"{key}.{k}", v) for k, v in value.items()]
+    if isinstance(value, (list, dict)):
+        items = enumerate(value) if isinstance(value, list) else value.items()
+        return [pair for k, v in items for pair in _numbers(v, f"{key}.{k}")]
     return [(key, value)]
 
 

@@ -159,6 +159,8 @@ def test_every_declared_range_is_enforced_at_load(cls, f):
     for text in _bad_values(f.metadata[RANGE], integer=float not in _leaves(tp)):
         value, shown = {list: (f"[{text}]", f"{key}.0"), dict: (f"{{cos: {text}}}", f"{key}.cos")}.get(
             _container(tp), (text, key))
+        if _container(tp) is dict and _container(typing.get_args(tp)[1]) is list:  # {head: [dims]}
+            value, shown = f"{{cos: [{text}]}}", f"{key}.cos.0"
         with pytest.raises(ConfigError, match=rf"^{re.escape(shown)}=.* is out of range: it must be "):
             _load("student.vision={kind: timm, name: vit_tiny_patch16_224}", f"{key}={value}")
 

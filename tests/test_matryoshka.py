@@ -56,7 +56,7 @@ def test_a_prefix_term_trains_only_its_prefix():
 def test_config_checks_matryoshka(tiny_config):
     with pytest.raises(ConfigError, match=r"stages\.2\.matryoshka: head 'fc16' is not trained"):
         tiny_config("stages.2.heads={fc1: [cos, sim, resim]}", "stages.2.matryoshka={fc16: [4]}")
-    for bad, why in (("[]", "prefix sizes"), ("[0, 4]", "prefix sizes"), ("[4, 4]", "twice"),
+    for bad, why in (("[]", "prefix sizes"), ("[4, 0]", r"\.1=0 is out of range"), ("[4, 4]", "twice"),
                      ("[2.5]", "must be int")):
         with pytest.raises(ConfigError, match=rf"stages\.2\.matryoshka\.fc16.*{why}"):
             tiny_config(f"stages.2.matryoshka={{fc16: {bad}}}")

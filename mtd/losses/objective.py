@@ -22,6 +22,11 @@ from mtd.config import StageConfig
 from mtd.losses.terms import cosine_loss, info_nce_loss, relative_similarity_loss, similarity_loss
 
 
+def _prefix(x: torch.Tensor, dim: int | None) -> torch.Tensor:
+    """The first `dim` columns (a Matryoshka prefix; the terms renormalize it), or `x` itself."""
+    return x if dim is None else x[:, :dim]
+
+
 @dataclass(frozen=True)
 class Objective:
     heads: dict[str, tuple[str, ...]]  # head -> loss terms, e.g. {"fc1": ("cos", "sim", "resim")}
@@ -86,7 +91,7 @@ class Objective:
         # Float32 even under mixed precision: the margin (0.015) is a few bf16 steps wide.
         with torch.autocast(device_type=device.type, enabled=False):
             for key, head, dim, name in self.parts():
-                s, t = outputs[head].float()[:, :dim], self.target_for(head, outputs, targets).float()
+                s, t = _prefix(outputs[head].float(), dim), self.target_for(head, outputs, targets).float()
                 terms[key] = value = self._term(name, s, t, generator)
                 total = total + self.weights[name] * value
         terms["loss"] = total / len(self.heads) if self.average_heads else total
@@ -107,7 +112,7 @@ class Objective:
             vectors = {h: v.detach().float().requires_grad_() for h, v in outputs.items()}
             for key, head, dim, name in self.parts():
                 t = self.target_for(head, vectors, targets).detach().float()
-                value = self.weights[name] * self._term(name, vectors[head][:, :dim], t, None)
+                value = self.weights[name] * self._term(name, _prefix(vectors[head], dim), t, None)
                 (grad,) = torch.autograd.grad(value, vectors[head])
                 norms[key] = float(grad.norm())
         total = sum(norms.values()) or 1.0
