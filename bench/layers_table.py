@@ -20,6 +20,7 @@ import datetime
 import logging
 import os
 import shlex
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -35,8 +36,8 @@ from mtd.layers import main as layers_main
 from mtd.layers import spread, teacher_layers
 
 ROOT = Path(__file__).resolve().parents[1]
-CPU_OVERRIDES = ["data.max_texts=2000", "data.dev_size=100", "stages.0.steps=100", "stages.1.steps=40",
-                 "stages.2.steps=40", "eval.teachers=false", "train.eval_every=0", "train.save_every=40"]
+CPU_OVERRIDES = ["data.max_texts=2000", "data.dev_size=100", "stages.0.steps=100", "stages.1.steps=100",
+                 "stages.2.steps=100", "eval.teachers=false", "train.eval_every=0", "train.save_every=100"]
 logger = logging.getLogger("layers_table")
 
 
@@ -101,10 +102,11 @@ def main(argv: list[str] | None = None) -> int:
                             "teacher_sts": base, "teacher_sentences_per_s": speed["teacher"],
                             "overrides": overrides,
                             "threads": args.threads, "rows": rows, "table": markdown})
-    command = shlex.join(["python", "bench/layers_table.py", *(argv if argv is not None else [])])
+    command = shlex.join(["python", "bench/layers_table.py", *(argv if argv is not None else sys.argv[1:])])
     scale = (f"CPU scale: the default recipe shortened to `{' '.join(overrides)}`, so the students "
              "have barely trained; at GPU scale run it without `--cpu`." if args.cpu else
              f"The default recipe{' with ' + ' '.join(overrides) if overrides else ''}.")
+    scale += " One kept layer trains stage 2 as last:1 (the recipe's last:2 needs two)."
     section = f"""`bench/layers_table.py`, measured {datetime.date.today()} on {os.cpu_count()} CPU cores
 ({args.threads} torch threads for the speed column, batch 64, {args.speed_texts} WordNet texts, each
 model in a fresh process). To rerun: `{command}`. {args.teacher} cut to N layers spread from the first
