@@ -349,6 +349,10 @@ def fill_target_caches(cfg: RunConfig, verify: bool = False) -> None:
         logger.info("Target caches of the image captions: %d captions, %d processes.", len(captions),
                     accelerator.num_processes)
         _teacher_arrays(cfg, captions, accelerator, verify=verify, fill_hint="")
+    # Every process leaves together and tears its process group down, as a training run does: a
+    # process exiting while another still fills used to abort now and then (gloo's threads).
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 def run(cfg: RunConfig, resume: bool = False) -> Path:
