@@ -39,15 +39,13 @@ def spread(count: int, layers: int) -> list[int]:
 
 def teacher_layers(path: str) -> int:
     """The number of encoder layers of a sentence-transformers or transformers folder."""
-    from mtd.hf import resolve_model
+    from mtd.hf import resolve_model, transformer_subfolder
     from mtd.io import read_json
 
-    folder = resolve_model(path, "teacher")
-    for config in (folder / "config.json", *sorted(folder.glob("*/config.json"))):
-        if config.is_file():
-            n = read_json(config).get("num_hidden_layers")
-            if isinstance(n, int):
-                return n
+    config = transformer_subfolder(resolve_model(path, "teacher")) / "config.json"
+    n = read_json(config).get("num_hidden_layers") if config.is_file() else None
+    if isinstance(n, int):
+        return n
     raise ConfigError(f"{path}: no config.json with num_hidden_layers; give a transformers or "
                       "sentence-transformers folder.")
 

@@ -91,13 +91,17 @@ def student_folder(cfg: RunConfig) -> str | None:
     return str(resolve_model(s.path, "student.path", weights=s.init not in ("scratch", "run")))
 
 
+def source_student(cfg: RunConfig) -> Path:
+    """init: run: the mtd student folder student.path names (a run's student/, or itself)."""
+    folder = Path(student_folder(cfg))
+    return folder / "student" if (folder / "student").is_dir() else folder
+
+
 def trained_prefixes(cfg: RunConfig) -> dict[str, list[int]]:
     """The Matryoshka prefixes the student comes with: those its source run trained (init: run)."""
     if cfg.student.init != "run":
         return {}
-    folder = Path(student_folder(cfg))
-    folder = folder / "student" if (folder / "student").is_dir() else folder
-    return read_json(folder / STUDENT_FILE).get("matryoshka", {})
+    return read_json(source_student(cfg) / STUDENT_FILE).get("matryoshka", {})
 
 
 def check_model_paths(cfg: RunConfig) -> None:
@@ -117,8 +121,7 @@ def build_student(cfg: RunConfig, target_dim: int | None) -> tuple[Student, obje
     s = cfg.student
     path = student_folder(cfg)
     if s.init == "run":
-        folder = Path(path) / "student" if (Path(path) / "student").is_dir() else Path(path)
-        student, tokenizer, _ = load_student(folder)
+        student, tokenizer, _ = load_student(source_student(cfg))
     elif s.init == "sentence-transformers":
         student, tokenizer = student_from_sentence_transformer(path)
     else:
