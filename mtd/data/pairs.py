@@ -293,7 +293,7 @@ def read_hub_pairs(name: str, split: str, anchor: str, positive: str, negative: 
 
     Raises:
         PairsError: the set cannot be loaded, a column is missing (listing the columns present),
-            a value is not a non-empty string, or the split is empty.
+            or a value is not a non-empty string (datasets itself refuses an empty split).
     """
     import datasets
 
@@ -309,8 +309,6 @@ def read_hub_pairs(name: str, split: str, anchor: str, positive: str, negative: 
     if missing:
         raise PairsError(where, f"no column(s) {missing}; its columns: {ds.column_names}. Set the "
                          "anchor/positive/negative column names to some of these")
-    if len(ds) == 0:
-        raise PairsError(where, "empty split (no rows); choose another split")
     fix = f"Columns used: anchor={anchor!r}, positive={positive!r}, negative={negative!r}."
     ds = ds.select_columns(columns)
     texts = [[_text(where, v, c, row, fix, unit="row") for row, v in enumerate(ds[c], start=1)]
