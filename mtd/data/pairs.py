@@ -144,7 +144,7 @@ def read_jsonl_pairs(paths: list[str], anchor: str = "anchor", positive: str = "
     a: list[str] = []
     b: list[str] = []
     neg: list[str | None] = []
-    where: list[tuple[Path, int]] = []  # (file, line) of each row, for the mixed-negatives message
+    first: dict[bool, tuple[Path, int]] = {}  # has a negative -> (file, line) of the first such row
     for path in files:
         for line, rec in _records(path):
             missing = [k for k in (anchor, positive) if k not in rec]
@@ -154,25 +154,21 @@ def read_jsonl_pairs(paths: list[str], anchor: str = "anchor", positive: str = "
             b.append(_text(path, rec[positive], positive, line, fix))
             value = rec.get(negative)
             neg.append(None if value is None else _text(path, value, negative, line, fix))
-            where.append((path, line))
+            first.setdefault(value is not None, (path, line))
     if not a:
         raise PairsError(_name(files) or "read_jsonl_pairs", "no pairs (every file is empty); give "
                          "files with one JSON object per line")
-    return _pairs(a, b, _all_or_none(neg, where, negative), _name(files))
+    _all_or_none(first, neg, negative)
+    return _pairs(a, b, None if first.get(False) else neg, _name(files))  # type: ignore[arg-type]
 
 
-def _all_or_none(neg: list[str | None], where: list[tuple[Path, int]], key: str) -> list[str] | None:
-    """The negatives when every row has one, None when no row has; a mix is a PairsError."""
-    lacking = [i for i, n in enumerate(neg) if n is None]
-    if len(lacking) == len(neg):
-        return None
-    if lacking:
-        path, line = where[lacking[0]]
-        has = where[next(i for i, n in enumerate(neg) if n is not None)]
-        raise PairsError(path, f"no {key!r} field, while {has[0]} line {has[1]} has one: every row "
+def _all_or_none(first: dict[bool, tuple[Path, int]], neg: list[str | None], key: str) -> None:
+    """A PairsError naming the first row without a negative when another row has one."""
+    if len(first) == 2:
+        (path, line), (has, has_line) = first[False], first[True]
+        raise PairsError(path, f"no {key!r} field, while {has} line {has_line} has one: every row "
                          f"needs a hard negative or none does. Add {key!r} to every row, or drop it "
-                         f"from all rows ({len(lacking)} of {len(neg)} lack it)", line)
-    return neg  # type: ignore[return-value]  (no None left)
+                         f"from all rows ({neg.count(None)} of {len(neg)} lack it)", line)
 
 
 def _sts_file(path: Path) -> Path:
