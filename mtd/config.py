@@ -22,8 +22,8 @@ import yaml
 
 from mtd.errors import MtdError
 
-LOSS_TERMS = ("cos", "sim", "resim", "nce")
-STAGE_DATA = ("text", "images")
+LOSS_TERMS = ("cos", "sim", "resim", "nce", "ckd", "kl", "pair")
+STAGE_DATA = ("text", "images", "pairs")
 VISION_PARTS = ("tower", "projection", "markers")
 
 
@@ -130,23 +130,35 @@ class StudentConfig:
 @dataclass
 class StageConfig:
     name: str
-    data: str = "text"  # text: the corpus | images: image-caption pairs (Jasper stage 4)
+    # text: the corpus | images: image-caption pairs (Jasper stage 4) | pairs: labeled text pairs
+    # (the `pairs:` section; contrastive fine-tuning, DisCo's second step)
+    data: str = "text"
     # heads | all | last:K (heads plus the last K encoder layers); images: vision (tower, projection
     # and markers) or vision:PART,PART with parts among tower, projection, markers
     train: str = "heads"
-    heads: dict[str, list[str]] = field(default_factory=lambda: {"fc1": list(LOSS_TERMS)})
+    # head -> loss terms: cos, sim, resim (Jasper); nce (symmetric InfoNCE against the in-batch
+    # targets); ckd (DisCo's contrastive distillation: InfoNCE against the batch's and the queue's
+    # targets); kl (KL between the in-batch similarity distributions); pair (pairs stages: the
+    # anchor picks its positive among the batch's positives and hard negatives). In a pairs stage
+    # the other terms distill the anchors' teacher targets on the same batch.
+    heads: dict[str, list[str]] = field(default_factory=lambda: {"fc1": ["cos", "sim", "resim", "nce"]})
     # head -> "teacher" | "self:HEAD"; in image stages self:HEAD is the student's own HEAD vector
     # of the image's captions (self-distillation, the paper's stage 4)
     targets: dict[str, str] = field(default_factory=dict)
     # head -> prefix dims trained as vectors of their own (Matryoshka): sim + resim on each
     # renormalized prefix against the head's target, beside the head's own terms
     matryoshka: dict[str, list[int]] = num(factory=dict, ge=1)
+    # Jasper paper, section 3; nce, ckd, kl and pair weigh 1 unless given here (each only where listed)
     weights: dict[str, float] = num(
         factory=lambda: {"cos": 10.0, "sim": 200.0, "resim": 20.0, "nce": 1.0}, ge=0
-    )  # Jasper paper, section 3; nce (InfoNCE against the in-batch targets) only where listed
+    )
     cos_reduction: str = "sum"  # cos over the batch: sum (the paper's formula) | mean (its code)
     margin: float = num(0.015, ge=0)  # relative-similarity margin
-    temperature: float = num(0.05, gt=0)  # nce softmax temperature
+    temperature: float = num(0.05, gt=0)  # softmax temperature of nce, ckd, kl and pair
+    # ckd: earlier batches' targets kept as extra negatives (DisCo: 65536); 0: the batch's only
+    queue_size: int = num(0, ge=0)
+    # ckd: the temperature is a trained parameter of the student, starting at `temperature`
+    learn_temperature: bool = False
     captions: str = "mean"  # images: target = mean of the captions' normalized targets | sample one
     # exact resim of batches under 25 (P x P in chunks): rows held at once; bigger ones are O(P log^2 P)
     resim_chunk_size: int = num(1024, ge=1)
@@ -169,6 +181,24 @@ class ImagesConfig:
     caption_column: str = "captions"  # a string or a list of strings per row
     eval: str | None = None  # image-caption .jsonl scored at the end (image-text Recall@1/5/10)
     max_images: int | None = num(None, ge=1)  # use only the first N training images
+
+
+@dataclass
+class PairsConfig:
+    """Labeled pairs for `data: pairs` stages (anchor, positive, optional hard negative)."""
+
+    jsonl: list[str] = field(default_factory=list)  # .jsonl files of {"anchor", "positive"[, "negative"]}
+    sts: list[str] = field(default_factory=list)  # STS .jsonl (sentence1, sentence2, score) or set folders
+    sts_min_score: float = num(4.0)  # STS rows scoring at least this are positive pairs (STS-B: 0-5)
+    captions: list[str] = field(default_factory=list)  # image-caption .jsonl: captions of one image pair up
+    hub: str | None = None  # a hub data set (or a local folder laid out like one)
+    hub_split: str = "train"
+    anchor_column: str = "anchor"  # the field names, in .jsonl files and hub sets
+    positive_column: str = "positive"
+    # hard negatives: in .jsonl read where every row has the field; a hub set must have the column
+    # (set null for one without)
+    negative_column: str | None = "negative"
+    max_pairs: int | None = num(None, ge=1)  # a seeded random subset of this many pairs
 
 
 @dataclass
@@ -213,6 +243,7 @@ class RunConfig:
     teachers: list[TeacherConfig] = field(default_factory=list)
     data: DataConfig = field(default_factory=DataConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     stages: list[StageConfig] = field(default_factory=list)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -402,12 +433,52 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8.") from None
-    data = load_yaml(text, str(path)) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of config sections.")
+    data = _with_base(path, load_yaml(text, str(path)) or {}, ())
     cfg = from_dict(RunConfig, apply_overrides(data, list(overrides)))
     validate(cfg)
     return cfg
+
+
+BASE = "base"  # top-level key: the YAML (relative to this one) whose values this file changes
+
+
+def _with_base(path: Path, data: Any, seen: tuple[Path, ...]) -> dict[str, Any]:
+    """The config `path` holds, over the one its `base:` names (recursively)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of config sections.")
+    if BASE not in data:
+        return data
+    base = (path.parent / str(data.pop(BASE))).resolve()
+    if base in seen or base == path.resolve():
+        raise ConfigError(f"{path}: base: {base} leads back to itself; a chain of bases must end.")
+    if not base.is_file():
+        raise ConfigError(f"{path}: base: {base} not found. Name a YAML file relative to {path.parent}.")
+    return _merge(_with_base(base, load_yaml(base.read_text(encoding="utf-8"), str(base)) or {},
+                             (*seen, path.resolve())), data, "")
+
+
+def _merge(base: Any, over: Any, where: str) -> Any:
+    """`over` on top of `base`: mappings key by key; a list by a mapping of item numbers (e.g.
+    `stages: {2: {lr: 1e-5}}` changes stage 2, and the number after the last item adds one);
+    anything else replaces."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        return base | {k: _merge(base[k], v, f"{where}{k}.") if k in base else v for k, v in over.items()}
+    if isinstance(base, list) and isinstance(over, dict):
+        items = list(base)
+        for key in over:
+            if not (isinstance(key, int) and not isinstance(key, bool) and 0 <= key <= len(items) + len(over)):
+                raise ConfigError(f"'{where}{key}': change a list item by its number, 0 to {len(items) - 1} "
+                                  f"(or {len(items)} to add one).")
+        for key, value in sorted(over.items()):
+            if key > len(items):
+                raise ConfigError(f"'{where}{key}': there is no item {key - 1} before it; number new "
+                                  f"items from {len(items)} on.")
+            if key == len(items):
+                items.append(value)
+            else:
+                items[key] = _merge(items[key], value, f"{where}{key}.")
+        return items
+    return over
 
 
 def parse_config_args(parser: argparse.ArgumentParser,
@@ -483,10 +554,32 @@ def _check_stage(stage: StageConfig, heads: dict[str, Any], where: str) -> None:
         if len(set(dims)) != len(dims):
             raise ConfigError(f"{where}.matryoshka.{head}={dims!r}: a prefix size appears twice; "
                               "list each once.")
+    _check_contrastive(stage, where)
     if stage.cos_reduction not in ("sum", "mean"):
         raise ConfigError(f"{where}.cos_reduction={stage.cos_reduction!r}: use sum or mean.")
     if set(stage.weights) - set(LOSS_TERMS):
         raise ConfigError(f"{where}.weights: keys must be among {LOSS_TERMS}.")
+
+
+def _check_contrastive(stage: StageConfig, where: str) -> None:
+    """pair only in pairs stages (and some head with it there); queue and learned temperature only
+    where a head has ckd."""
+    with_pair = [h for h, terms in stage.heads.items() if "pair" in terms]
+    if with_pair and stage.data != "pairs":
+        raise ConfigError(f"{where}.heads.{with_pair[0]}: the pair term needs labeled pairs, and this "
+                          f"stage trains on {stage.data}. Set {where}.data=pairs (with a pairs: "
+                          "section), or remove pair from its terms.")
+    if stage.data == "pairs" and not with_pair:
+        raise ConfigError(f"{where} trains on labeled pairs but no head has the pair term: add pair "
+                          f"to a head's terms (e.g. {where}.heads.fc1=[pair, cos, sim, resim]).")
+    with_ckd = any("ckd" in terms for terms in stage.heads.values())
+    for key, on in (("queue_size", stage.queue_size > 0), ("learn_temperature", stage.learn_temperature)):
+        if on and not with_ckd:
+            raise ConfigError(f"{where}.{key} is set, but no head of this stage has the ckd term that "
+                              f"uses it: add ckd to a head's terms, or remove {key}.")
+    if stage.learn_temperature and stage.train.startswith("vision"):
+        raise ConfigError(f"{where}.learn_temperature: image stages train the vision side only; use a "
+                          "fixed temperature there.")
 
 
 POOLING_MODES = ("mean", "cls", "max", "lasttoken", "mean_sqrt_len_tokens", "weightedmean")
@@ -588,8 +681,10 @@ def check_saved_config(path: Path, cfg: RunConfig) -> None:
 
 
 def uses_teachers(cfg: RunConfig) -> bool:
-    """Whether any stage learns teacher targets or any head is sized to them."""
-    return any(s.targets.get(h, "teacher") == "teacher" for s in cfg.stages for h in s.heads) or (
+    """Whether any stage learns teacher targets or any head is sized to them (a head trained with
+    the pair term alone learns from the labels only)."""
+    return any(s.targets.get(h, "teacher") == "teacher" and set(terms) != {"pair"}
+               for s in cfg.stages for h, terms in s.heads.items()) or (
         cfg.student.init not in FULL_STUDENT_INITS and "target" in cfg.student.heads.values())
 
 
@@ -625,6 +720,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"Teacher names must be unique, got {names}.")
     if not cfg.data.corpus and any(s.data == "text" for s in cfg.stages):
         raise ConfigError("data.corpus is empty: list one or more .txt or .jsonl files.")
+    p = cfg.pairs
+    pair_stages = [i for i, s in enumerate(cfg.stages) if s.data == "pairs"]
+    if pair_stages and not (p.jsonl or p.sts or p.captions or p.hub):
+        raise ConfigError(f"stages.{pair_stages[0]} trains on labeled pairs but none are given: set "
+                          "pairs.jsonl, pairs.sts, pairs.captions or pairs.hub.")
     low_high = cfg.data.chunk_sentences
     if len(low_high) != 2 or low_high[0] > low_high[1]:
         raise ConfigError(f"data.chunk_sentences={low_high}: give [min, max] sentences per chunk "
@@ -671,7 +771,7 @@ def check_dims(cfg: RunConfig, head_dims: dict[str, int], target_dim: int) -> No
                     f"({head_dims[head]} dims). Use prefix sizes below {head_dims[head]}; the full "
                     "head is trained by its own terms.")
             want = target_dim if source == "teacher" else head_dims[source.removeprefix("self:")]
-            pointwise = [t for t in ("cos", "nce") if t in terms]
+            pointwise = [t for t in ("cos", "nce", "ckd") if t in terms]
             if pointwise and head_dims[head] != want:
                 fix = "target" if source == "teacher" else want
                 raise ConfigError(
@@ -695,7 +795,7 @@ def check_batch_sizes(cfg: RunConfig, rows: dict[str, int], processes: int) -> N
     and the number of processes. Checked once the data is read and before any teacher runs: the
     stage itself would fail only when it starts, after the teachers and earlier stages."""
     held_out = {"text": f"training texts (after data.dev_size={cfg.data.dev_size} held out)",
-                "images": "training images (those that decode)"}
+                "images": "training images (those that decode)", "pairs": "labeled pairs"}
     for i, stage in enumerate(cfg.stages):
         n = rows.get(stage.data)
         if n is not None and stage.batch_size > n:

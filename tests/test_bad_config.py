@@ -128,7 +128,8 @@ def test_every_numeric_config_field_declares_its_range():
 
 # Where each config class sits in configs/tiny.yaml (student.vision is added for the test).
 PREFIX = {"RunConfig": "", "TeacherConfig": "teachers.0.", "DataConfig": "data.", "ImagesConfig": "images.",
-          "VisionConfig": "student.vision.", "StudentConfig": "student.", "StageConfig": "stages.0.",
+          "VisionConfig": "student.vision.", "PairsConfig": "pairs.",
+          "StudentConfig": "student.", "StageConfig": "stages.0.",
           "TrainConfig": "train.", "EvalConfig": "eval."}
 
 

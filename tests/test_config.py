@@ -148,7 +148,7 @@ def test_tiny_config_values():
         (["export_head=fc99"], "export_head"),
         (["train.mixed_precision=fp8"], "mixed_precision"),
         (["student.init=teacher", "student.path=null"], "needs student.path"),
-        (["stages.0.weights={cos: 1.0, kl: 2.0}"], "weights"),
+        (["stages.0.weights={cos: 1.0, kd: 2.0}"], "weights"),
         (["data.corpus=[]"], "data.corpus is empty"),
         (["teachers=[]"], "No teachers"),
         (["stages=[]"], "No stages"),

@@ -252,3 +252,76 @@ def info_nce_loss(student: Tensor, target: Tensor, temperature: float = 0.05) ->
     logits = s @ t.T / temperature  # (B, B)
     labels = torch.arange(len(s), device=s.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+# ---------------------------------------------------------------------------------------------
+# Contrastive terms (DisCo, Wu et al., arXiv:2112.05638; relational KD of similarity distributions)
+
+# Two unit vectors closer than this are the same text (or a duplicate of it): never a negative.
+SAME_TEXT = 1e-6
+
+
+def contrastive_distillation_loss(student: Tensor, target: Tensor, queue: Tensor | None = None,
+                                  temperature: float | Tensor = 0.05) -> Tensor:
+    """CKD (DisCo, section 3.2): InfoNCE where student vector i must pick its own target i among
+    the batch's targets and a queue of earlier targets; (B, D) vs (B, D), queue (Q, D) or None.
+
+    Logits are cosines / temperature (a float, or a learned 0-d tensor). A text is never a
+    candidate twice: a queued target equal to one of the batch's (the same text from an earlier
+    batch) is left out, and so, for a row, is another batch row with its own target (a duplicate
+    text). Mean over rows; the targets get no gradient.
+    """
+    _check_batch(student, target)
+    if student.shape[1] != target.shape[1]:
+        raise ValueError(f"ckd needs equal dims, got student {tuple(student.shape)} and target "
+                         f"{tuple(target.shape)}; give it a head of the target's size")
+    s, t = _normalize(student), _normalize(target.detach())
+    candidates = t if queue is None or not len(queue) else torch.cat([t, _normalize(queue.detach())])
+    rows = torch.arange(len(s), device=s.device)
+    same = (t @ candidates.T) > 1 - SAME_TEXT  # (B, B + Q)
+    same[:, len(t):] = same[:, len(t):].any(dim=0)  # a queued copy of any batch text: for every row
+    same[rows, rows] = False
+    logits = (s @ candidates.T).masked_fill(same, -math.inf) / temperature
+    return F.cross_entropy(logits, rows)
+
+
+def _off_diagonal(x: Tensor) -> Tensor:
+    """(B, B) -> (B, B - 1): each row without its diagonal entry."""
+    b = x.shape[0]
+    return x.flatten()[1:].view(b - 1, b + 1)[:, :-1].reshape(b, b - 1)
+
+
+def similarity_kl_loss(student: Tensor, target: Tensor, temperature: float = 0.05) -> Tensor:
+    """KL(P_T || P_S) between in-batch similarity distributions, averaged over rows: row i of P_S is
+    softmax_j(s_i . s_j / temperature) over the other rows j != i, P_T the same from T. (B, D_s) vs
+    (B, D_t). The diagonal (always 1) is left out: at temperature 0.05 it would hold nearly all of
+    each row's mass and hide the relations between texts."""
+    _check_batch(student, target)
+    if student.shape[0] < 2:
+        return student.sum() * 0
+    s, t = _normalize(student), _normalize(target.detach())
+    log_p_s = F.log_softmax(_off_diagonal(s @ s.T) / temperature, dim=-1)
+    log_p_t = F.log_softmax(_off_diagonal(t @ t.T) / temperature, dim=-1)
+    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+
+
+def pair_info_nce_loss(anchor: Tensor, positive: Tensor, negative: Tensor | None = None,
+                       groups: Tensor | None = None, temperature: float = 0.05) -> Tensor:
+    """In-batch negatives InfoNCE on labeled pairs (sentence-transformers'
+    MultipleNegativesRankingLoss, scale 1/temperature): anchor i must pick positive i among all the
+    batch's positives and hard negatives; (B, D) each, negative (B, D) or None.
+
+    groups: (B,) ints; the positive of another row in anchor i's group (two captions of one image,
+    pairs that share a sentence) is not one of its negatives. Mean over rows.
+    """
+    _check_batch(anchor, positive)
+    a, p = _normalize(anchor), _normalize(positive)
+    candidates = p if negative is None else torch.cat([p, _normalize(negative)])
+    logits = a @ candidates.T / temperature  # (B, B) or (B, 2B)
+    rows = torch.arange(len(a), device=a.device)
+    if groups is not None:
+        same = torch.zeros(logits.shape, dtype=torch.bool, device=a.device)
+        same[:, : len(a)] = groups[:, None] == groups[None, :]
+        same[rows, rows] = False
+        logits = logits.masked_fill(same, -math.inf)
+    return F.cross_entropy(logits, rows)

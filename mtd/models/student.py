@@ -9,6 +9,7 @@ vectors and nothing else; losses and training live elsewhere.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,9 @@ from mtd.io import atomic_write_json, load_safetensors, read_json, reading_weigh
 logger = logging.getLogger(__name__)
 
 HEADS_FILE = "heads.safetensors"
+# forward() output key of a head's learned ckd logit scale (1 / temperature), e.g. "logit_scale:fc1"
+LOGIT_SCALE = "logit_scale:"
+MAX_LOGIT_SCALE = 100.0  # temperature at least 0.01, as CLIP clamps its logit scale
 IMAGE_FILE = "image.safetensors"
 STUDENT_FILE = "student.json"
 # A damaged student folder is rebuilt from the run's last stage-end checkpoint.
@@ -50,6 +54,9 @@ class Student(nn.Module):
         hidden = encoder.config.hidden_size
         self.heads = nn.ModuleDict({name: nn.Linear(hidden, dim) for name, dim in head_dims.items()})
         self.image = image  # models.projection.ImagePath or None (text only)
+        # head -> log(1 / temperature) of its ckd term, where a stage learns it. Kept on the model
+        # (as CLIP keeps its logit scale) so that DDP/FSDP train it like any weight; never exported.
+        self.log_scales = nn.ParameterDict()
         # Trainable weights are float32 whatever a checkpoint stores (transformers 5 keeps a
         # float16 file's dtype): half-precision master weights lose small updates (NaN under
         # bf16 autocast, dtype clashes without it). Mixed precision is Accelerate's autocast.
@@ -61,6 +68,11 @@ class Student(nn.Module):
         under Accelerate makes each block a unit of its own."""
         return getattr(self.encoder, "_no_split_modules", None)
 
+    def add_logit_scale(self, head: str, temperature: float) -> None:
+        """A learned ckd temperature for `head`, starting at `temperature` (kept if it exists)."""
+        if head not in self.log_scales:
+            self.log_scales[head] = nn.Parameter(torch.tensor(math.log(1 / temperature)))
+
     @property
     def head_dims(self) -> dict[str, int]:
         return {name: head.out_features for name, head in self.heads.items()}
@@ -71,10 +83,11 @@ class Student(nn.Module):
                 pooled: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """(B, T) token ids, (B, 3, H, W) pixels, a frozen tower's (B, N, Dv) tokens, or a frozen
         encoder's (B, H) pooled outputs (see pooled_features) -> {head: (B, D_head)} unnormalized
-        vectors."""
+        vectors, and each learned logit scale as a 0-d tensor under LOGIT_SCALE + head."""
         if pooled is None:
             pooled = self.pool(input_ids, attention_mask, pixel_values, vision_tokens)
-        return {name: head(pooled) for name, head in self.heads.items()}
+        out = {name: head(pooled) for name, head in self.heads.items()}
+        return out | {LOGIT_SCALE + h: p.exp().clamp(max=MAX_LOGIT_SCALE) for h, p in self.log_scales.items()}
 
     def pool(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
              pixel_values: torch.Tensor | None = None,
@@ -231,6 +244,8 @@ def save_student(student: Student, tokenizer, folder: str | Path, max_length: in
     meta = {"heads": student.head_dims, "max_length": max_length}
     if matryoshka:
         meta["matryoshka"] = {head: sorted(dims) for head, dims in matryoshka.items()}
+    if len(student.log_scales):  # learned ckd temperatures, so a run started from this one goes on
+        meta["log_scales"] = {head: float(p) for head, p in student.log_scales.items()}
     if student.image is not None:
         save_file(_cpu_state(student.image), str(folder / IMAGE_FILE))
         meta["image"] = student.image.config()
@@ -266,6 +281,8 @@ def load_student(folder: str | Path):
         image.load_state_dict(load_safetensors(folder / IMAGE_FILE, STUDENT_FIX))
     student = Student(encoder, meta["heads"], image)
     student.heads.load_state_dict(load_safetensors(folder / HEADS_FILE, STUDENT_FIX))
+    for head, value in meta.get("log_scales", {}).items():
+        student.log_scales[head] = nn.Parameter(torch.tensor(float(value)))
     tokenizer = AutoTokenizer.from_pretrained(folder / "encoder")
     return student, tokenizer, int(meta["max_length"])
 
@@ -339,11 +356,13 @@ def vision_parts(mode: str) -> list[str]:
     return named.split(",") if named else ["tower", "projection", "markers"]
 
 
-def set_trainable(student: Student, mode: str, heads: list[str]) -> list[str]:
+def set_trainable(student: Student, mode: str, heads: list[str],
+                  learn_temperature: bool = False) -> list[str]:
     """Freeze all but the stage's part: "heads", "all", or "last:K" (heads + last K layers); or in
     image stages "vision[:PARTS]" (only the image path: the text side, heads included, stays frozen).
 
-    Returns the names of the trainable parameters. Heads a stage does not name stay frozen.
+    Returns the names of the trainable parameters. Heads a stage does not name stay frozen, and so
+    do the learned ckd temperatures unless `learn_temperature`.
     """
     student.requires_grad_(False)
     if mode.startswith("vision"):
@@ -355,6 +374,8 @@ def set_trainable(student: Student, mode: str, heads: list[str]) -> list[str]:
 
     for name in heads:
         student.heads[name].requires_grad_(True)
+        if name in student.log_scales:
+            student.log_scales[name].requires_grad_(learn_temperature)
     if mode == "all":
         student.encoder.requires_grad_(True)
     elif mode.startswith("last:"):

@@ -27,6 +27,15 @@ from mtd.config import (
 )
 from mtd.data import images
 from mtd.data.corpus import Corpus, FeatureDataset, TargetDataset, corpus_of, multi_teacher_target
+from mtd.data.pair_batches import PairDataset
+from mtd.data.pairs import (
+    Pairs,
+    combine,
+    read_caption_pairs,
+    read_hub_pairs,
+    read_jsonl_pairs,
+    read_sts_pairs,
+)
 from mtd.data.tokens import TokenizedTexts
 from mtd.evaluation import report
 from mtd.export import export_student
@@ -133,6 +142,10 @@ def build_student(cfg: RunConfig, target_dim: int | None) -> tuple[Student, obje
         tower = build_tower(v.kind, v.name, v.pretrained, v.model_config or None, v.trust_remote_code)
         student.image = ImagePath(tower, student.encoder.config.hidden_size, v.tokens, v.projection,
                                   *special_ids(tokenizer))
+    for stage in cfg.stages:
+        if stage.learn_temperature:
+            for head in (h for h, terms in stage.heads.items() if "ckd" in terms):
+                student.add_logit_scale(head, stage.temperature)
     check_positions(student, s.max_length)
     return student, tokenizer
 
@@ -172,7 +185,8 @@ def _make_assets(cfg: RunConfig, accelerator: Accelerator) -> None:
     accelerator.wait_for_everyone()
 
 
-def data_fingerprint(cfg: RunConfig, corpus: Corpus, pairs: images.ImageCaptions | None) -> dict:
+def data_fingerprint(cfg: RunConfig, corpus: Corpus, pairs: images.ImageCaptions | None,
+                     labeled: Pairs | None = None) -> dict:
     """What the run trains on: the corpus texts actually used (after shuffling, data.max_texts and
     the dev split) and the image-caption pairs. Every checkpoint records it, so a resume on
     changed data is refused (checkpoints.check_same_data)."""
@@ -185,6 +199,11 @@ def data_fingerprint(cfg: RunConfig, corpus: Corpus, pairs: images.ImageCaptions
         found["images"] = {"what": "image-caption data", "unit": "images",
                            "files": list(cfg.images.train) or [f"{cfg.images.hub} ({cfg.images.hub_split})"],
                            "count": len(pairs.images), "sha256": hash_texts(rows)}
+    if labeled is not None:
+        negatives = labeled.negative or [""] * len(labeled)
+        rows = [f"{a}\t{p}\t{n}" for a, p, n in zip(labeled.anchor, labeled.positive, negatives, strict=True)]
+        found["pairs"] = {"what": "labeled pairs", "unit": "pairs", "files": [labeled.name],
+                          "count": len(labeled), "sha256": hash_texts(rows)}
     return found
 
 
@@ -210,6 +229,40 @@ def _teacher_arrays(cfg: RunConfig, texts: list[str], accelerator, verify: bool 
         cfg.teachers, texts, cfg.cache_dir, chunk_size=cfg.cache_chunk_size, processes=processes,
         device=str(accelerator.device), verify=verify, fill_hint=fill_hint,
     )
+
+
+def load_pairs(cfg: RunConfig) -> Pairs:
+    """The labeled pairs of `data: pairs` stages, from every source the pairs: section names."""
+    p = cfg.pairs
+    parts = []
+    if p.jsonl:
+        parts.append(read_jsonl_pairs(p.jsonl, p.anchor_column, p.positive_column,
+                                      p.negative_column or "negative"))
+    if p.sts:
+        parts.append(read_sts_pairs(p.sts, p.sts_min_score))
+    if p.captions:
+        parts.append(read_caption_pairs(p.captions))
+    if p.hub:
+        parts.append(read_hub_pairs(p.hub, p.hub_split, p.anchor_column, p.positive_column,
+                                    p.negative_column))
+    pairs = combine(parts, p.max_pairs, cfg.data.seed)
+    logger.info("Labeled pairs: %d (%s), %d groups%s.", len(pairs), pairs.name, len(np.unique(pairs.group)),
+                ", with hard negatives" if pairs.negative is not None else "")
+    return pairs
+
+
+def pairs_need_teachers(cfg: RunConfig) -> bool:
+    """Whether a pair stage also distills the anchors' teacher targets (a term besides pair)."""
+    return any(s.data == "pairs" and s.targets.get(h, "teacher") == "teacher" and set(terms) - {"pair"}
+               for s in cfg.stages for h, terms in s.heads.items())
+
+
+def pair_stage_data(cfg: RunConfig, pairs: Pairs, arrays: list[np.ndarray], tokenizer,
+                    progress: bool) -> StageData:
+    """A pair stage's batches (the same for every pair stage of a run: built once)."""
+    dataset = PairDataset(pairs, tokenizer, cfg.student.max_length, arrays,
+                          [t.weight for t in cfg.teachers], progress=progress)
+    return StageData(dataset, None, PairDataset.collate)
 
 
 def load_image_captions(cfg: RunConfig) -> images.ImageCaptions:
@@ -335,7 +388,7 @@ def fill_target_caches(cfg: RunConfig, verify: bool = False) -> None:
     processes together, and nothing else. verify: check every chunk of a complete cache against
     its checksum too, encoding again those that fail."""
     text_stages = any(s.data == "text" for s in cfg.stages)
-    if not cfg.teachers or not (text_stages or captions_need_teachers(cfg)):
+    if not cfg.teachers or not (text_stages or captions_need_teachers(cfg) or pairs_need_teachers(cfg)):
         raise cache.CacheError(f"Config {cfg.name!r} reads no teacher targets (it has no teachers, or "
                                "no text stage and no image stage with teacher targets), so there is "
                                "no target cache to fill: train it directly with train.py.")
@@ -352,6 +405,11 @@ def fill_target_caches(cfg: RunConfig, verify: bool = False) -> None:
         logger.info("Target caches of the image captions: %d captions, %d processes.", len(captions),
                     accelerator.num_processes)
         _teacher_arrays(cfg, captions, accelerator, verify=verify, fill_hint="")
+    if pairs_need_teachers(cfg):
+        anchors = load_pairs(cfg).anchor
+        logger.info("Target caches of the pairs' anchors: %d texts, %d processes.", len(anchors),
+                    accelerator.num_processes)
+        _teacher_arrays(cfg, anchors, accelerator, verify=verify, fill_hint="")
     # Every process leaves together and tears its process group down, as a training run does: a
     # process exiting while another still fills used to abort now and then (gloo's threads).
     accelerator.wait_for_everyone()
@@ -370,16 +428,20 @@ def run(cfg: RunConfig, resume: bool = False) -> Path:
         for message in length_mismatches(cfg):
             logger.warning("%s", message)
     pairs = load_image_captions(cfg) if any(s.data == "images" for s in cfg.stages) else None
+    labeled = load_pairs(cfg) if any(s.data == "pairs" for s in cfg.stages) else None
     rows = {"text": len(corpus.train)} | ({"images": len(pairs.images)} if pairs is not None else {})
+    rows |= {"pairs": len(labeled)} if labeled is not None else {}
     check_batch_sizes(cfg, rows, accelerator.num_processes)
-    fingerprint = data_fingerprint(cfg, corpus, pairs)
+    fingerprint = data_fingerprint(cfg, corpus, pairs, labeled)
     if found is not None:  # every process compares the same record with the same data
         check_same_data(found, fingerprint)
     main_decides(lambda: _start_run(cfg, found))  # before the teachers: a bad log stops at once
     arrays = _teacher_arrays(cfg, corpus.texts, accelerator) if text_stages and cfg.teachers else []
     weights = [t.weight for t in cfg.teachers]
     caption_target = _caption_targets(cfg, pairs, accelerator) if pairs is not None else None
-    target_dim = sum(a.shape[1] for a in arrays) if arrays else (
+    anchor_arrays = _teacher_arrays(cfg, labeled.anchor, accelerator) if (
+        labeled is not None and pairs_need_teachers(cfg)) else []
+    target_dim = sum(a.shape[1] for a in arrays or anchor_arrays) if arrays or anchor_arrays else (
         caption_target.shape[1] if caption_target is not None else None)
     # The init must not depend on what ran before (building assets or caches draws random numbers,
     # and only some runs or ranks do it): seed it, so equal configs start from equal students.
@@ -392,10 +454,15 @@ def run(cfg: RunConfig, resume: bool = False) -> Path:
     text_data = corpus_stage_data(corpus, arrays, weights, tokenizer, cfg.student.max_length,
                                 accelerator.is_local_main_process) if text_stages else None
 
+    pair_data = pair_stage_data(cfg, labeled, anchor_arrays, tokenizer,
+                                accelerator.is_local_main_process) if labeled is not None else None
+
     def data_for(index: int):
         if cfg.stages[index].data == "text":
             make = partial(text_stage_data, cfg, index, text_data, tokenizer, accelerator)
             return make, len(text_data.train)
+        if cfg.stages[index].data == "pairs":
+            return (lambda _student: pair_data), len(pair_data.train)
         make = partial(image_stage_data, cfg, index, pairs, caption_target, tokenizer)
         return make, len(pairs.images)
 

@@ -47,8 +47,8 @@ from mtd.io import (
     load_safetensors,
     reading_weights,
 )
-from mtd.losses.objective import Objective
-from mtd.models.student import Student, set_train_mode, set_trainable
+from mtd.losses.objective import Objective, PairOutputs
+from mtd.models.student import LOGIT_SCALE, Student, set_train_mode, set_trainable
 from mtd.training.checkpoints import (
     Checkpoint,
     Position,
@@ -56,7 +56,8 @@ from mtd.training.checkpoints import (
     latest_checkpoint,
     save_checkpoint,
 )
-from mtd.training.distributed import gather_with_grad, world_size
+from mtd.training.distributed import gather, gather_with_grad, world_size
+from mtd.training.queue import TargetQueue, load_queues, save_queues
 
 logger = logging.getLogger(__name__)
 
@@ -76,13 +77,31 @@ class NonFiniteLossError(MtdError, RuntimeError):
 
 
 def _save_mid_stage(accelerator: Accelerator, run_dir: Path, pos: Position, keep: int,
-                    fingerprint: dict) -> Path:
-    ckpt = save_checkpoint(accelerator, run_dir, pos, lambda folder: accelerator.save_state(str(folder)),
-                           fingerprint)
+                    fingerprint: dict, queues: dict[str, TargetQueue]) -> Path:
+    def write(folder: Path) -> None:
+        accelerator.save_state(str(folder))
+        _check_same_queues(accelerator, queues)
+        if accelerator.is_main_process:
+            save_queues(queues, folder)
+
+    ckpt = save_checkpoint(accelerator, run_dir, pos, write, fingerprint)
     if accelerator.is_main_process:
         drop_old_mid_stage(run_dir, keep)
     accelerator.wait_for_everyone()
     return ckpt
+
+
+def _check_same_queues(accelerator: Accelerator, queues: dict[str, TargetQueue]) -> None:
+    """The main process saves the queues for all: check that every process holds the same ones
+    (each pushes the same gathered batches, so they agree to the bit)."""
+    if accelerator.num_processes == 1 or not queues:
+        return
+    sums = torch.stack([q.vectors.double().sum(dim=0).dot(torch.arange(
+        q.vectors.shape[1], dtype=torch.float64, device=q.vectors.device) + 1) for q in queues.values()])
+    every = accelerator.gather(sums[None]).cpu()
+    if not (every == every[0]).all():
+        raise RuntimeError(f"The ckd queues differ between processes (checksums {every.tolist()}); "
+                           "every process must push the same gathered batches.")
 
 
 def _save_stage_end(accelerator: Accelerator, model, run_dir: Path, pos: Position,
@@ -189,7 +208,7 @@ class PreparedStudent:
         fsdp = acc.distributed_type == DistributedType.FSDP
         if acc.distributed_type == DistributedType.DEEPSPEED:
             _deepspeed_batch(acc, stage.batch_size)
-        trainable = set_trainable(self.student, stage.train, list(stage.heads))
+        trainable = set_trainable(self.student, stage.train, list(stage.heads), stage.learn_temperature)
         logger.info("Stage %s: training %d parameter tensors (%s) for %d steps.",
                     stage.name, len(trainable), stage.train, total)
         if fsdp and self.wrapped is None:
@@ -234,11 +253,26 @@ class StageData:
 
 
 def _forward_global(model, inputs, targets, heads: set[str], device):
-    """Student outputs and targets of the global batch: local rows gathered from every process."""
-    outputs = model(**{k: v.to(device, non_blocking=True) for k, v in inputs.items()})
+    """Student outputs and targets of the global batch: local rows gathered from every process
+    (learned logit scales, the same on every process, as they are)."""
+    local = model(**{k: v.to(device, non_blocking=True) for k, v in inputs.items()})
     # Sorted: a set iterates in per-process hash order, and collectives must match across ranks.
-    outputs = {h: gather_with_grad(outputs[h].float()) for h in sorted(heads)}
+    outputs = {h: gather_with_grad(local[h].float()) for h in sorted(heads)}
+    outputs |= {k: v for k, v in local.items() if k.startswith(LOGIT_SCALE)}
     return outputs, {k: gather_with_grad(targets[k].to(device, non_blocking=True)) for k in sorted(targets)}
+
+
+def _forward_pairs(model, inputs, targets, objective: Objective, device):
+    """A pair batch's global outputs: the anchors' (every head the objective reads) with their
+    targets, and PairOutputs with the positives' and hard negatives' vectors of the heads that
+    train the pair term, and every row's group."""
+    outputs, targets = _forward_global(model, inputs["anchor"], targets, objective.heads_used, device)
+    heads = {h for h, names in objective.heads.items() if "pair" in names}
+    columns = {c: _forward_global(model, inputs[c], {}, heads, device)[0] for c in ("positive", "negative")
+               if c in inputs}
+    columns = {c: {h: v for h, v in out.items() if h in heads} for c, out in columns.items()}
+    groups = gather(inputs["groups"].to(device))
+    return outputs, targets, PairOutputs(columns["positive"], columns.get("negative"), groups)
 
 
 class _TermMeans:
@@ -306,6 +340,7 @@ class StageRunner:
         self.make_data, self.data = data, None
         self.objective = Objective.from_stage(stage)
         self.total = stage_steps(stage, n_train, tcfg.grad_accum)
+        self.queues: dict[str, TargetQueue] = {}  # ckd's earlier targets, by target source
 
     def _sampler(self, start: int, stop: int, seed: int, batch: int, grouped: bool) -> StepBatchSampler:
         args = (len(self.data.train), batch, seed, start, stop, self.acc.process_index,
@@ -348,6 +383,9 @@ class StageRunner:
                 _init_optim_state(optimizer.optimizer)
             with reading_weights(resume_from, CHECKPOINT_FIX):
                 self.acc.load_state(str(resume_from))
+            if self.stage.queue_size:
+                self.queues = load_queues(resume_from, self.objective.queue_sources, self.stage.queue_size,
+                                          self.acc.device, CHECKPOINT_FIX)
             logger.info("Resumed stage %s at step %d from %s", self.stage.name, start, resume_from)
         self.data = self.make_data(self.acc.unwrap_model(model))
         stop = self.total if step_budget is None else min(self.total, start + step_budget)
@@ -390,11 +428,28 @@ class StageRunner:
         generator = torch.Generator(device=self.acc.device).manual_seed(
             (self.tcfg.seed * 1_000_003 + step) * 64 + micro)  # same pair samples on all ranks
         # The prepared model's forward runs under autocast already; the objective turns it off.
-        outputs, target = _forward_global(model, batch, target, self.objective.heads_used,
-                                          self.acc.device)
-        terms = self.objective(outputs, target, generator=generator)
+        pairs = None
+        if "anchor" in batch:  # a pair stage
+            outputs, target, pairs = _forward_pairs(model, batch, target, self.objective, self.acc.device)
+        else:
+            outputs, target = _forward_global(model, batch, target, self.objective.heads_used,
+                                              self.acc.device)
+        terms = self.objective(outputs, target, generator=generator, queues=self._negatives(), pairs=pairs)
         self.acc.backward(terms["loss"])  # divided by grad_accum there (by the engine under DeepSpeed)
+        self._push(outputs, target)
         return {k: v.detach() for k, v in terms.items()}
+
+    def _negatives(self) -> dict[str, torch.Tensor]:
+        return {source: queue.negatives() for source, queue in self.queues.items()}
+
+    def _push(self, outputs: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> None:
+        """Queue this global batch's targets, after its loss: no batch meets itself in the queue."""
+        if not self.stage.queue_size:
+            return
+        for source, vectors in self.objective.queue_batch(outputs, target).items():
+            if source not in self.queues:
+                self.queues[source] = TargetQueue(self.stage.queue_size, vectors.shape[1], self.acc.device)
+            self.queues[source].push(vectors)
 
     def _optimizer_step(self, model, optimizer, scheduler) -> None:
         if self.tcfg.max_grad_norm is not None:
@@ -421,7 +476,7 @@ class StageRunner:
             self._log(step, self.evaluate(model), prefix="dev/")
         if save:
             _save_mid_stage(self.acc, self.run_dir, Position(self.index, step, name=self.stage.name),
-                            self.tcfg.keep_checkpoints, self.fingerprint)
+                            self.tcfg.keep_checkpoints, self.fingerprint, self.queues)
 
     def _log(self, step: int, values: dict[str, float], prefix: str = "") -> None:
         if not values:
@@ -453,9 +508,11 @@ class StageRunner:
             tokens, target = collate(rows[self.acc.process_index * per:][:per])
             outputs, target = _forward_global(model, tokens, target, self.objective.heads_used,
                                               self.acc.device)
-            values = {k: float(v) for k, v in self.objective(outputs, target).items()}
+            queues = self._negatives()
+            values = {k: float(v) for k, v in self.objective(outputs, target, queues=queues).items()}
             # Which term drives training: its share of the gradient at the student's vectors.
-            values |= {f"share/{k}": v for k, v in self.objective.gradient_shares(outputs, target).items()}
+            values |= {f"share/{k}": v for k, v in
+                       self.objective.gradient_shares(outputs, target, queues).items()}
             for k, v in values.items():
                 totals[k] = totals.get(k, 0.0) + v / n
         self._train_mode(model)
