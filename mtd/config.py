@@ -466,7 +466,7 @@ def _merge(base: Any, over: Any, where: str) -> Any:
     if isinstance(base, list) and isinstance(over, dict):
         items = list(base)
         for key in over:
-            if not (isinstance(key, int) and not isinstance(key, bool) and 0 <= key <= len(items) + len(over)):
+            if not (isinstance(key, int) and not isinstance(key, bool) and key >= 0):
                 raise ConfigError(f"'{where}{key}': change a list item by its number, 0 to {len(items) - 1} "
                                   f"(or {len(items)} to add one).")
         for key, value in sorted(over.items()):

@@ -71,3 +71,22 @@ def test_two_processes_hold_the_queue_one_process_holds(config, tmp_path):
     assert sorted(p.name for p in mid.glob("random_states_*")) == [f"random_states_{r}.pkl" for r in (0, 1)]
     torch.testing.assert_close(_queue(two, 5), _queue(one, 5), rtol=0, atol=1e-6)
     assert_same_rows(train_rows(read_log(one)), train_rows(read_log(two)), rel=1e-3)
+
+
+def test_the_loss_never_sees_its_own_batch_in_the_queue(config, monkeypatch):
+    """Each batch is queued after its loss: no queued vector is one of the batch's targets (the
+    corpus has no duplicate texts, and 10 steps of 32 never come round to a text again)."""
+    import mtd.losses.objective as objective
+
+    seen = []
+    real = objective.Objective.__call__
+
+    def spy(self, outputs, targets, *args, queues=None, **kwargs):
+        if queues:
+            t = torch.nn.functional.normalize(targets["teacher"].float(), dim=-1)
+            seen.append(float((t @ queues["teacher"].T).max()))
+        return real(self, outputs, targets, *args, queues=queues, **kwargs)
+
+    monkeypatch.setattr(objective.Objective, "__call__", spy)
+    pipeline.run(config(*FAST, *CKD))
+    assert len(seen) >= 9 and max(seen) < 0.9999

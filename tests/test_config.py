@@ -232,3 +232,68 @@ def test_teacher_and_student_token_limits_that_differ_are_named(tiny_config):
     assert length_mismatches(tiny_config("teachers.0.max_length=32")) == []
     (message,) = length_mismatches(tiny_config("teachers.0.max_length=64"))
     assert "teachers.0 (teacher_a) reads up to 64 tokens, the student 32" in message
+
+
+# ---------------------------------------------------------------------------------------------
+# base: a config that changes another
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_base_config_changes_only_what_it_names(tmp_path):
+    from mtd.config import load_config
+
+    _write(tmp_path / "a.yaml", """
+name: a
+teachers: [{name: t, path: x}]
+data: {corpus: [c.txt], dev_size: 5}
+student: {heads: {fc1: target, fc8: 8}}
+stages:
+  - {name: s1, heads: {fc1: [cos]}, steps: 3}
+  - {name: s2, heads: {fc1: [cos], fc8: [sim]}, steps: 4, lr: 1.0e-4}
+""")
+    b = _write(tmp_path / "b.yaml", """
+base: a.yaml
+name: b
+data: {max_texts: 9}
+stages:
+  1: {heads: {fc1: [cos, ckd]}, lr: 2.0e-5}
+  2: {name: s3, heads: {fc1: [sim]}, steps: 1}
+""")
+    cfg = load_config(b)
+    assert cfg.name == "b" and cfg.data.corpus == ["c.txt"] and cfg.data.dev_size == 5 and cfg.data.max_texts == 9
+    assert [s.name for s in cfg.stages] == ["s1", "s2", "s3"]
+    assert cfg.stages[1].heads == {"fc1": ["cos", "ckd"], "fc8": ["sim"]} and cfg.stages[1].lr == 2e-5
+    assert cfg.stages[1].steps == 4 and cfg.stages[0].heads == {"fc1": ["cos"]}
+    c = _write(tmp_path / "c.yaml", "base: b.yaml\nname: c\n")  # a chain
+    assert [s.name for s in load_config(c).stages] == ["s1", "s2", "s3"]
+
+
+@pytest.mark.parametrize("text, match", [
+    ("base: missing.yaml\n", "not found"),
+    ("base: self.yaml\n", "leads back to itself"),
+    ("base: a.yaml\nstages: {5: {steps: 1}}\n", "no item 4 before it"),
+    ("base: a.yaml\nstages: {x: {steps: 1}}\n", "by its number"),
+])
+def test_base_config_mistakes_are_named(tmp_path, text, match):
+    from mtd.config import ConfigError, load_config
+
+    _write(tmp_path / "a.yaml", "teachers: [{name: t, path: x}]\ndata: {corpus: [c.txt]}\n"
+                                "stages: [{name: s1, steps: 3}]\n")
+    with pytest.raises(ConfigError, match=match):
+        load_config(_write(tmp_path / "self.yaml", text))
+
+
+def test_ready_disco_configs_build_on_the_default_recipe():
+    from mtd.config import load_config
+
+    default = load_config(ROOT / "configs" / "default.yaml")
+    ckd = load_config(ROOT / "configs" / "ckd.yaml")
+    assert [s.steps for s in ckd.stages] == [s.steps for s in default.stages]
+    assert all("ckd" in s.heads["fc1"] and s.queue_size for s in ckd.stages)
+    assert ckd.stages[2].heads["fc256"] == default.stages[2].heads["fc256"]
+    both = load_config(ROOT / "configs" / "ckd-finetune.yaml")
+    assert both.student.path == "runs/ckd" and both.stages[0].data == "pairs"

@@ -54,11 +54,23 @@ def _topic_accuracy(run: Path, corpus: Path) -> float:
 
 
 @pytest.mark.parametrize("negatives", [False, True])
-def test_pair_stage_after_distillation_trains_and_learns_topics(config, tiny_assets, tmp_path, negatives):
+def test_pair_stage_after_distillation_trains_and_learns_topics(config, tiny_assets, tmp_path, negatives,
+                                                               monkeypatch):
+    import mtd.losses.objective as objective
+
     corpus = tiny_assets / "corpus.txt"
     pairs = topic_pairs(corpus, tmp_path / "pairs.jsonl", negatives)
     plain = pipeline.run(config("name=plain", *FAST, "stages.2.steps=60"))
+    seen, real = [], objective.Objective.__call__
+
+    def spy(self, outputs, targets, *args, pairs=None, **kwargs):
+        if pairs is not None:
+            seen.append((len(outputs["fc1"]), pairs.negative is not None, len(pairs.groups)))
+        return real(self, outputs, targets, *args, pairs=pairs, **kwargs)
+
+    monkeypatch.setattr(objective.Objective, "__call__", spy)
     tuned = pipeline.run(config("name=tuned", *FAST, *_pair_stage(pairs)))
+    assert set(seen) == {(32, negatives, 32)}  # the global batch, its hard negatives, its groups
     rows = train_rows(read_log(tuned), stage=2)
     assert {"fc1/pair", "fc1/cos", "fc1/sim", "fc1/resim"} <= set(rows[0])
     assert rows[-1]["fc1/pair"] < rows[0]["fc1/pair"]
@@ -71,8 +83,9 @@ def test_pair_stage_after_distillation_trains_and_learns_topics(config, tiny_ass
 def test_pair_term_alone_needs_no_teacher_targets(config, tiny_assets, tmp_path):
     pairs = topic_pairs(tiny_assets / "corpus.txt", tmp_path / "pairs.jsonl")
     first = pipeline.run(config("name=first", *FAST))
-    only = config("name=only", f"student.init=run", f"student.path={json.dumps(str(first))}",
-                  "stages=[{name: tune, data: pairs, train: all, heads: {fc1: [pair]}, steps: 10, batch_size: 32}]",
+    only = config("name=only", "student.init=run", f"student.path={json.dumps(str(first))}",
+                  "stages=[{name: tune, data: pairs, train: all, heads: {fc1: [pair]}, steps: 10, "
+                  "batch_size: 32}]",
                   f"pairs.jsonl=[{json.dumps(str(pairs))}]", "teachers=[]")
     run = pipeline.run(only)
     assert train_rows(read_log(run))[-1]["fc1/pair"] > 0
@@ -100,7 +113,8 @@ def _on_tiny_assets(name: str, assets: Path, tmp_path: Path, *overrides: str):
     batch = [f"stages.{i}.batch_size=32" for i in range(len(cfg.stages))]
     return load_config(ROOT / "configs" / f"{name}.yaml", [
         f"output_dir={q(tmp_path / 'runs')}", f"cache_dir={q(tmp_path / 'cache')}",
-        f"teachers=[{{name: a, path: {q(assets / 'teacher_a')}}}, {{name: b, path: {q(assets / 'teacher_b')}}}]",
+        f"teachers=[{{name: a, path: {q(assets / 'teacher_a')}}}, "
+        f"{{name: b, path: {q(assets / 'teacher_b')}}}]",
         f"data.corpus=[{q(assets / 'corpus.txt')}]", "data.dev_size=200", "eval.sts_dir=null",
         f"student={{init: scratch, path: {q(assets / 'tokenizer')}, model_config: {model}, "
         "heads: {fc1: target, fc256: 256}, max_length: 32}",
@@ -125,9 +139,40 @@ def test_ready_finetune_configs_train_with_a_falling_loss(tiny_assets, tmp_path,
     q = lambda p: json.dumps(str(p))  # noqa: E731
     first = pipeline.run(_on_tiny_assets("default", tiny_assets, tmp_path, "name=first"))
     pairs = topic_pairs(tiny_assets / "corpus.txt", tmp_path / "pairs.jsonl")
-    cfg = _on_tiny_assets(name, tiny_assets, tmp_path, "student={init: run, max_length: 32, path: " + q(first) + "}",
+    cfg = _on_tiny_assets(name, tiny_assets, tmp_path,
+                          "student={init: run, max_length: 32, path: " + q(first) + "}",
                           f"pairs={{jsonl: [{q(pairs)}]}}", "stages.0.lr=1.0e-3", "stages.0.steps=60",
                           "stages.0.weights={pair: 20.0}", "train.log_every=5")
     assert cfg.stages[0].data == "pairs" and cfg.student.init == "run"
     rows = train_rows(read_log(pipeline.run(cfg)))
     assert rows[-1]["fc1/pair"] < rows[0]["fc1/pair"] and rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_ckd_on_a_head_of_another_size_is_refused_before_training(tiny_config):
+    from mtd.config import check_dims
+
+    cfg = tiny_config("stages.2.heads={fc1: [cos], fc16: [sim, ckd]}")
+    with pytest.raises(ConfigError, match="'ckd' needs equal dims.*fc16"):
+        check_dims(cfg, {"fc1": 80, "fc16": 16}, 80)
+
+
+def test_learned_temperature_is_refused_in_image_stages(tiny_config):
+    with pytest.raises(ConfigError, match="image stages train the vision side only"):
+        tiny_config("stages.2.data=images", "stages.2.train=vision", "stages.2.heads={fc1: [ckd]}",
+                    "stages.2.learn_temperature=true")
+
+
+@pytest.mark.multiprocess
+def test_pair_stage_on_two_processes_matches_one(config, tiny_assets, tmp_path):
+    """Each process holds half the pairs; the negatives and groups are those of the global batch."""
+    from test_trainer import _launch, assert_same_rows
+
+    from mtd.config import dump_config
+
+    pairs = topic_pairs(tiny_assets / "corpus.txt", tmp_path / "pairs.jsonl", negatives=True)
+    one = pipeline.run(config("name=one", *FAST, *_pair_stage(pairs)))
+    cfg2 = config("name=two", *FAST, *_pair_stage(pairs))
+    (tmp_path / "two.yaml").write_text(dump_config(cfg2))
+    proc = _launch(tmp_path / "two.yaml")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert_same_rows(train_rows(read_log(one)), train_rows(read_log(cfg2.run_dir)), rel=1e-3)

@@ -167,7 +167,8 @@ class Objective:
             vectors = {h: v.detach().float().requires_grad_() for h, v in outputs.items()}
             extras = _Extras(None, queues, pairs, vectors)
             for key, head, dim, name in self.parts():
-                t = vectors[head] if name == "pair" else self.target_for(head, vectors, targets).detach().float()
+                t = vectors[head] if name == "pair" else (
+                    self.target_for(head, vectors, targets).detach().float())
                 value = self.weights[name] * self._term(name, head, _prefix(vectors[head], dim), t, extras)
                 (grad,) = torch.autograd.grad(value, vectors[head])
                 norms[key] = float(grad.norm())
