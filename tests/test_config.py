@@ -264,7 +264,8 @@ stages:
   2: {name: s3, heads: {fc1: [sim]}, steps: 1}
 """)
     cfg = load_config(b)
-    assert cfg.name == "b" and cfg.data.corpus == ["c.txt"] and cfg.data.dev_size == 5 and cfg.data.max_texts == 9
+    assert cfg.name == "b" and cfg.data.corpus == ["c.txt"]
+    assert cfg.data.dev_size == 5 and cfg.data.max_texts == 9
     assert [s.name for s in cfg.stages] == ["s1", "s2", "s3"]
     assert cfg.stages[1].heads == {"fc1": ["cos", "ckd"], "fc8": ["sim"]} and cfg.stages[1].lr == 2e-5
     assert cfg.stages[1].steps == 4 and cfg.stages[0].heads == {"fc1": ["cos"]}
