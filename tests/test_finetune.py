@@ -176,3 +176,33 @@ def test_pair_stage_on_two_processes_matches_one(config, tiny_assets, tmp_path):
     proc = _launch(tmp_path / "two.yaml")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert_same_rows(train_rows(read_log(one)), train_rows(read_log(cfg2.run_dir)), rel=1e-3)
+
+
+def test_the_cache_step_fills_the_anchors_targets_of_a_pair_stage(tiny_config, tiny_assets, tmp_path,
+                                                                  monkeypatch):
+    """`python -m mtd.cache` on a pair stage that distills: every anchor encoded by each teacher
+    once; the run then encodes nothing."""
+    from test_cache_step import Counting
+
+    from mtd.cache import main as cache_main
+    from mtd.config import dump_config
+    from mtd.targets import teachers
+
+    pairs = topic_pairs(tiny_assets / "corpus.txt", tmp_path / "pairs.jsonl")
+    rows = [json.loads(line) for line in pairs.open()]
+    for row in rows[::2]:  # half the anchors are texts the corpus lacks
+        row["anchor"] = " ".join(reversed(row["anchor"].split()))
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tiny_config(*FAST, *_pair_stage(pairs), "stages.2.steps=5")
+    (tmp_path / "run.yaml").write_text(dump_config(cfg))
+    counting = Counting()
+    monkeypatch.setattr(teachers, "encode", counting)
+    assert cache_main([str(tmp_path / "run.yaml")]) == 0
+    anchors = [json.loads(line)["anchor"] for line in pairs.open()]
+    corpus = pipeline.load_corpus(cfg).texts
+    new = list(dict.fromkeys(a for a in anchors if a not in set(corpus)))
+    assert len(new) > 100
+    assert sorted(counting.texts) == sorted(2 * (corpus + new))  # anchors in the corpus are reused
+    counting.texts.clear()
+    pipeline.run(cfg)
+    assert counting.texts == []
