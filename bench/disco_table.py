@@ -150,7 +150,7 @@ weight trains), batch 64, median over two interleaved runs of each configuration
 
 
 def table(score: dict[str, dict[str, float]], rates: dict[str, float]) -> str:
-    sets = [s for s in ("stsb/test", "sickr/test", "cisi") if any(s in v for v in score.values())]
+    sets = [s for s in ("stsb/test", "sickr/test", "cisi/test") if any(s in v for v in score.values())]
     header = ["model", *sets, "train steps/s"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     plain = score["plain"]
