@@ -141,7 +141,16 @@ def main(argv: list[str] | None = None) -> int:
 texts and 1,200 steps, not the GPU scale the method is meant for). To rerun: `python
 bench/disco_table.py --train` (numbers and settings in `bench/results/disco.json`). Scores:
 Spearman x100 (STS-B, SICK-R test), nDCG@10 x100 (CISI); training speed: the last stage (every
-weight trains), batch 64, median over two interleaved runs of each configuration.
+weight trains), batch 64, median over two interleaved runs of each configuration; a pair step
+encodes 64 anchors and 64 positives. Differences are against plain.
+
+- plain: `configs/default.yaml` (MiniLM cut to layers [0, 3, 5], Jasper stages 1-3, 1,200 steps).
+- +ckd: `configs/ckd.yaml`, ckd on fc1 in every stage (weight 100, queue 4,096, temperature 0.05).
+- +kl: `configs/kl.yaml`, the similarity-distribution KL on fc1 in every stage (weight 10).
+- +finetune: `configs/finetune.yaml`, plain's student fine-tuned 120 steps on 3,984 labeled pairs
+  (STS-B and SICK-R train pairs scoring 4+, coco_mini caption pairs) with the pair term, fc1 still
+  distilled on the anchors. STS-B and SICK-R are in-domain for these pairs (train split).
+- +ckd+finetune: `configs/ckd-finetune.yaml`, the same fine-tuning of +ckd's student.
 
 {markdown}
 """)
