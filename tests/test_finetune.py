@@ -54,13 +54,13 @@ def _topic_accuracy(run: Path, corpus: Path) -> float:
 
 
 @pytest.mark.parametrize("negatives", [False, True])
-def test_pair_stage_after_distillation_trains_and_learns_topics(config, tiny_assets, tmp_path, negatives,
+def test_pair_stage_after_distillation_trains_and_learns_topics(tiny_config, tiny_assets, tmp_path, negatives,
                                                                monkeypatch):
     import mtd.losses.objective as objective
 
     corpus = tiny_assets / "corpus.txt"
     pairs = topic_pairs(corpus, tmp_path / "pairs.jsonl", negatives)
-    plain = pipeline.run(config("name=plain", *FAST, "stages.2.steps=60"))
+    plain = pipeline.run(tiny_config("name=plain", *FAST, "stages.2.steps=60"))
     seen, real = [], objective.Objective.__call__
 
     def spy(self, outputs, targets, *args, pairs=None, **kwargs):
@@ -69,7 +69,7 @@ def test_pair_stage_after_distillation_trains_and_learns_topics(config, tiny_ass
         return real(self, outputs, targets, *args, pairs=pairs, **kwargs)
 
     monkeypatch.setattr(objective.Objective, "__call__", spy)
-    tuned = pipeline.run(config("name=tuned", *FAST, *_pair_stage(pairs)))
+    tuned = pipeline.run(tiny_config("name=tuned", *FAST, *_pair_stage(pairs)))
     assert set(seen) == {(32, negatives, 32)}  # the global batch, its hard negatives, its groups
     rows = train_rows(read_log(tuned), stage=2)
     assert {"fc1/pair", "fc1/cos", "fc1/sim", "fc1/resim"} <= set(rows[0])
@@ -163,15 +163,16 @@ def test_learned_temperature_is_refused_in_image_stages(tiny_config):
 
 
 @pytest.mark.multiprocess
-def test_pair_stage_on_two_processes_matches_one(config, tiny_assets, tmp_path):
-    """Each process holds half the pairs; the negatives and groups are those of the global batch."""
+def test_pair_stage_on_two_processes_matches_one(tiny_config, tiny_assets, tmp_path):
+    """Each process holds half the pairs; the negatives and groups are those of the global batch.
+    (tiny_config: the anchors' cache stays out of the cache other tests share.)"""
     from test_trainer import _launch, assert_same_rows
 
     from mtd.config import dump_config
 
     pairs = topic_pairs(tiny_assets / "corpus.txt", tmp_path / "pairs.jsonl", negatives=True)
-    one = pipeline.run(config("name=one", *FAST, *_pair_stage(pairs)))
-    cfg2 = config("name=two", *FAST, *_pair_stage(pairs))
+    one = pipeline.run(tiny_config("name=one", *FAST, *_pair_stage(pairs)))
+    cfg2 = tiny_config("name=two", *FAST, *_pair_stage(pairs))
     (tmp_path / "two.yaml").write_text(dump_config(cfg2))
     proc = _launch(tmp_path / "two.yaml")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

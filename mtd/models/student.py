@@ -245,7 +245,7 @@ def save_student(student: Student, tokenizer, folder: str | Path, max_length: in
     if matryoshka:
         meta["matryoshka"] = {head: sorted(dims) for head, dims in matryoshka.items()}
     if len(student.log_scales):  # learned ckd temperatures, so a run started from this one goes on
-        meta["log_scales"] = {head: float(p) for head, p in student.log_scales.items()}
+        meta["log_scales"] = {head: float(p.detach()) for head, p in student.log_scales.items()}
     if student.image is not None:
         save_file(_cpu_state(student.image), str(folder / IMAGE_FILE))
         meta["image"] = student.image.config()
