@@ -22,7 +22,7 @@ import logging
 import os
 from pathlib import Path
 
-from peers import write_section
+from peers import add_result_args, write_section
 
 import mtd  # noqa: F401  (compat shims before transformers)
 from mtd.config import load_config
@@ -86,10 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--run", type=Path, default=ROOT / "runs" / "dims")
     parser.add_argument("--dims", default="64,128,256,512")
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
-    parser.add_argument("--cache-dir", type=Path, default=ROOT / "cache")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "dims.json")
-    parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "results.md")
+    add_result_args(parser, "dims")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     run, data, cache, out, docs = (p.resolve() for p in (args.run, args.data, args.cache_dir, args.out,

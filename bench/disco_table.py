@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from unittest import mock
 
-from peers import write_section
+from peers import add_result_args, write_section
 
 import mtd  # noqa: F401  (compat shims before transformers)
 from mtd.config import load_config
@@ -110,10 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--train", action="store_true", help="train the runs that are missing")
     parser.add_argument("--throughput-steps", type=int, default=30, help="0: skip the throughput runs")
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
-    parser.add_argument("--cache-dir", type=Path, default=ROOT / "cache")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "disco.json")
-    parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "results.md")
+    add_result_args(parser, "disco")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     data, cache, out, docs = (p.resolve() for p in (args.data, args.cache_dir, args.out, args.docs))

@@ -598,6 +598,15 @@ def replace_section(text: str, heading: str, body: str) -> str:
     return text[: match.start()] + section + ("\n" + tail if tail else "")
 
 
+def add_result_args(parser, name: str) -> None:
+    """--data, --cache-dir, --out (bench/results/NAME.json) and --docs (docs/results.md): the
+    arguments of a bench script that scores models with eval.py's code and writes a docs section."""
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--cache-dir", type=Path, default=ROOT / "cache")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / f"{name}.json")
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "results.md")
+
+
 def write_section(docs: Path, heading: str, body: str) -> None:
     """Rewrite the `## heading` section of the Markdown file `docs` (replace_section), atomically."""
     old = docs.read_text(encoding="utf-8") if docs.is_file() else ""

@@ -680,11 +680,15 @@ def check_saved_config(path: Path, cfg: RunConfig) -> None:
     check_resume(text, cfg)
 
 
+def learns_teacher(stage: StageConfig, head: str) -> bool:
+    """Whether `head` learns the teachers' targets in `stage` (a head trained with the pair term
+    alone learns from the labels only; a self:HEAD target is the student's own)."""
+    return stage.targets.get(head, "teacher") == "teacher" and set(stage.heads[head]) != {"pair"}
+
+
 def uses_teachers(cfg: RunConfig) -> bool:
-    """Whether any stage learns teacher targets or any head is sized to them (a head trained with
-    the pair term alone learns from the labels only)."""
-    return any(s.targets.get(h, "teacher") == "teacher" and set(terms) != {"pair"}
-               for s in cfg.stages for h, terms in s.heads.items()) or (
+    """Whether any stage learns teacher targets or any head is sized to them."""
+    return any(learns_teacher(s, h) for s in cfg.stages for h in s.heads) or (
         cfg.student.init not in FULL_STUDENT_INITS and "target" in cfg.student.heads.values())
 
 

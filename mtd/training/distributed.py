@@ -30,15 +30,6 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(dist_nn.all_gather(x.contiguous()), dim=0)
 
 
-def gather(x: torch.Tensor) -> torch.Tensor:
-    """(B_local, ...) -> (B_global, ...) in rank order, without gradient (e.g. integer ids)."""
-    if world_size() == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
 T = TypeVar("T")
 
 

@@ -24,6 +24,7 @@ from mtd.config import (
     check_layers,
     check_saved_config,
     dump_config,
+    learns_teacher,
 )
 from mtd.data import images
 from mtd.data.corpus import Corpus, FeatureDataset, TargetDataset, corpus_of, multi_teacher_target
@@ -253,8 +254,7 @@ def load_pairs(cfg: RunConfig) -> Pairs:
 
 def pairs_need_teachers(cfg: RunConfig) -> bool:
     """Whether a pair stage also distills the anchors' teacher targets (a term besides pair)."""
-    return any(s.data == "pairs" and s.targets.get(h, "teacher") == "teacher" and set(terms) - {"pair"}
-               for s in cfg.stages for h, terms in s.heads.items())
+    return any(s.data == "pairs" and learns_teacher(s, h) for s in cfg.stages for h in s.heads)
 
 
 def pair_stage_data(cfg: RunConfig, pairs: Pairs, arrays: list[np.ndarray], tokenizer,
@@ -281,8 +281,7 @@ def load_image_captions(cfg: RunConfig) -> images.ImageCaptions:
 
 def captions_need_teachers(cfg: RunConfig) -> bool:
     """Whether an image stage learns teacher targets of the captions (not the student's own)."""
-    return any(s.data == "images" and s.targets.get(h, "teacher") == "teacher"
-               for s in cfg.stages for h in s.heads)
+    return any(s.data == "images" and learns_teacher(s, h) for s in cfg.stages for h in s.heads)
 
 
 def _caption_targets(cfg: RunConfig, pairs: images.ImageCaptions, accelerator) -> np.ndarray | None:
@@ -441,7 +440,8 @@ def run(cfg: RunConfig, resume: bool = False) -> Path:
     caption_target = _caption_targets(cfg, pairs, accelerator) if pairs is not None else None
     anchor_arrays = _teacher_arrays(cfg, labeled.anchor, accelerator) if (
         labeled is not None and pairs_need_teachers(cfg)) else []
-    target_dim = sum(a.shape[1] for a in arrays or anchor_arrays) if arrays or anchor_arrays else (
+    teacher_arrays = arrays or anchor_arrays  # the same teachers: the same target size
+    target_dim = sum(a.shape[1] for a in teacher_arrays) if teacher_arrays else (
         caption_target.shape[1] if caption_target is not None else None)
     # The init must not depend on what ran before (building assets or caches draws random numbers,
     # and only some runs or ranks do it): seed it, so equal configs start from equal students.

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, parse_flag_from_env, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, gather, parse_flag_from_env, set_seed
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import _init_optim_state
 from tqdm.auto import tqdm
@@ -56,7 +56,7 @@ from mtd.training.checkpoints import (
     latest_checkpoint,
     save_checkpoint,
 )
-from mtd.training.distributed import gather, gather_with_grad, world_size
+from mtd.training.distributed import gather_with_grad, world_size
 from mtd.training.queue import TargetQueue, load_queues, save_queues
 
 logger = logging.getLogger(__name__)
